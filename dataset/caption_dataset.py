@@ -1,0 +1,200 @@
+"""ALBEF's JSON caption datasets, with validated annotations and bad images skipped and counted.
+
+A bad image (missing, truncated, undecodable) is replaced by the next readable item of the dataset, so the
+batch keeps its size (the ITC queue needs fixed global batches); its path travels with the sample and the
+engine counts it. Random augmentation of item ``i`` in epoch ``e`` is seeded from ``(seed, e, i)``, which
+makes a run resumed mid-epoch see exactly the same samples.
+"""
+import json
+import os
+import random
+import zlib
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from dataset.utils import pre_caption
+
+Image.MAX_IMAGE_PIXELS = None   # large web images are fine; truncated ones are not (they are skipped)
+
+
+class AnnotationError(ValueError):
+    pass
+
+
+def read_json_list(path, required, config_key):
+    """Load one annotation file (a JSON list of dicts) and check each entry has the ``required`` fields."""
+    if not os.path.isfile(path):
+        raise AnnotationError(f"{config_key}: annotation file not found: {path!r}")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise AnnotationError(f"{config_key}: {path!r} is not valid JSON: {e}") from None
+    if not isinstance(data, list):
+        raise AnnotationError(f"{config_key}: {path!r} must hold a JSON list of entries, got {type(data).__name__}")
+    for i, entry in enumerate(data):
+        if not isinstance(entry, dict):
+            raise AnnotationError(f"{path!r}, entry {i}: expected an object, got {type(entry).__name__}")
+        for name, types in required.items():
+            if name not in entry:
+                raise AnnotationError(f"{path!r}, entry {i}: missing field {name!r} (entry: {str(entry)[:200]})")
+            if not isinstance(entry[name], types):
+                raise AnnotationError(f"{path!r}, entry {i}: field {name!r} has type {type(entry[name]).__name__}")
+        cap = entry.get("caption")
+        if isinstance(cap, list) and (not cap or not all(isinstance(c, str) for c in cap)):
+            raise AnnotationError(f"{path!r}, entry {i}: 'caption' must be a string or a non-empty list of strings")
+    return data
+
+
+def as_list(files):
+    return [files] if isinstance(files, str) else list(files)
+
+
+def resolve(path, image_root):
+    return path if (os.path.isabs(path) or not image_root) else os.path.join(image_root, path)
+
+
+def load_image(path):
+    """Open and fully decode as RGB; raises on missing, truncated or undecodable files."""
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+@contextmanager
+def seeded(seed):
+    """Seed python, numpy and torch for one sample, then restore the caller's RNG streams."""
+    py, npst = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % (2 ** 32))
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npst)
+
+
+class ImageTextDataset(Dataset):
+    """Base: robust image reading and per-sample seeding. Subclasses define ``entries`` and ``make``."""
+
+    max_consecutive_bad = 50
+
+    def __init__(self, transform, image_root=None, seed=0):
+        self.transform = transform
+        self.image_root = image_root
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def image_path(self, index):
+        raise NotImplementedError
+
+    def sample_seed(self, index):
+        return zlib.crc32(f"{self.seed}:{self.epoch}:{index}".encode())
+
+    def read(self, index):
+        """(image tensor, index actually used, bad paths skipped on the way)."""
+        bad = []
+        n = len(self)
+        for step in range(min(n, self.max_consecutive_bad)):
+            i = (index + step) % n
+            path = self.image_path(i)
+            try:
+                img = load_image(path)
+            except Exception as e:   # noqa: BLE001 - any unreadable file is skipped, never a worker crash
+                bad.append(f"{path} ({type(e).__name__})")
+                continue
+            with seeded(self.sample_seed(i)):
+                return self.transform(img), i, bad
+        raise RuntimeError(f"{len(bad)} consecutive unreadable images starting at item {index}; first: {bad[:3]}. "
+                           "Check image_root and the annotation paths.")
+
+
+class pretrain_dataset(ImageTextDataset):
+    """Items ``{'image': path, 'caption': str | [str, ...]}``; returns (image, caption, index, bad)."""
+
+    def __init__(self, ann_file, transform, max_words=30, image_root=None, seed=0, config_key="train_file"):
+        super().__init__(transform, image_root, seed)
+        self.ann = []
+        for f in as_list(ann_file):
+            self.ann += read_json_list(f, {"image": str, "caption": (str, list)}, config_key)
+        self.max_words = max_words
+
+    def __len__(self):
+        return len(self.ann)
+
+    def image_path(self, index):
+        return resolve(self.ann[index]["image"], self.image_root)
+
+    def __getitem__(self, index):
+        image, i, bad = self.read(index)
+        cap = self.ann[i]["caption"]
+        if isinstance(cap, list):
+            cap = random.Random(self.sample_seed(i)).choice(cap)
+        return image, pre_caption(cap, self.max_words), i, bad
+
+
+class re_train_dataset(ImageTextDataset):
+    """Items ``{'image', 'caption': str, 'image_id'}``; returns (image, caption, image index, bad)."""
+
+    def __init__(self, ann_file, transform, image_root, max_words=30, seed=0, config_key="train_file"):
+        super().__init__(transform, image_root, seed)
+        self.ann = []
+        for f in as_list(ann_file):
+            self.ann += read_json_list(f, {"image": str, "caption": str, "image_id": (str, int)}, config_key)
+        self.max_words = max_words
+        self.img_ids = {}
+        for a in self.ann:
+            self.img_ids.setdefault(a["image_id"], len(self.img_ids))
+
+    def __len__(self):
+        return len(self.ann)
+
+    def image_path(self, index):
+        return resolve(self.ann[index]["image"], self.image_root)
+
+    def __getitem__(self, index):
+        image, i, bad = self.read(index)
+        a = self.ann[i]
+        return image, pre_caption(a["caption"], self.max_words), self.img_ids[a["image_id"]], bad
+
+
+class re_eval_dataset(ImageTextDataset):
+    """Items ``{'image', 'caption': [str, ...]}``; one item per image, texts flattened in order.
+
+    An unreadable image becomes a blank one (skipping would change the metric's denominator) and is counted.
+    """
+
+    def __init__(self, ann_file, transform, image_root, max_words=30, config_key="test_file", image_res=256):
+        super().__init__(transform, image_root)
+        self.image_res = image_res
+        self.ann = read_json_list(ann_file, {"image": str, "caption": (list, str)}, config_key)
+        self.text, self.image, self.txt2img, self.img2txt = [], [], {}, {}
+        for img_id, a in enumerate(self.ann):
+            self.image.append(a["image"])
+            self.img2txt[img_id] = []
+            for cap in as_list(a["caption"]):
+                self.txt2img[len(self.text)] = img_id
+                self.img2txt[img_id].append(len(self.text))
+                self.text.append(pre_caption(cap, max_words))
+
+    def __len__(self):
+        return len(self.ann)
+
+    def image_path(self, index):
+        return resolve(self.ann[index]["image"], self.image_root)
+
+    def __getitem__(self, index):
+        path = self.image_path(index)
+        try:
+            return self.transform(load_image(path)), index, []
+        except Exception as e:   # noqa: BLE001
+            blank = torch.zeros(3, self.image_res, self.image_res)
+            return blank, index, [f"{path} ({type(e).__name__})"]

@@ -1,0 +1,40 @@
+"""A distributed sampler whose epoch order is a pure function of (seed, epoch) and can start mid-epoch."""
+import torch
+from torch.utils.data import Sampler
+
+
+class ResumableDistributedSampler(Sampler):
+    """Like DistributedSampler(drop_last=True), plus ``set_epoch(epoch, start_batch)`` to skip consumed batches.
+
+    Each rank gets ``num_batches * batch_size`` indices, so every rank runs the same number of steps.
+    """
+
+    def __init__(self, dataset_len, batch_size, num_replicas=1, rank=0, shuffle=True, seed=0):
+        self.n = dataset_len
+        self.batch_size = batch_size
+        self.num_replicas, self.rank = num_replicas, rank
+        self.shuffle, self.seed = shuffle, seed
+        self.num_batches = self.n // (batch_size * num_replicas)
+        if self.num_batches == 0:
+            raise ValueError(f"dataset of {self.n} items is smaller than one global batch "
+                             f"({batch_size} x {num_replicas} ranks)")
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def epoch_indices(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        per_rank = self.num_batches * self.batch_size
+        return order[:per_rank * self.num_replicas][self.rank::self.num_replicas]
+
+    def __iter__(self):
+        idx = self.epoch_indices()[self.start_batch * self.batch_size:]
+        return iter(idx.tolist())
+
+    def __len__(self):
+        return (self.num_batches - self.start_batch) * self.batch_size

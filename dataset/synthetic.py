@@ -1,0 +1,240 @@
+"""The demo world: synthetic scenes of coloured shapes rendered to JPEG, with ALBEF-format JSON.
+
+Each scene holds one to three shapes with a colour, a shape, a size and a vertical position (top, middle,
+bottom: flip-invariant, since ALBEF's training transform flips horizontally). Captions mention some but
+not all attributes, so one caption truly describes several images: those real false negatives are
+computed exactly and saved. A share of scenes copies an earlier scene with one attribute changed, so hard
+negatives exist. Everything is a deterministic function of the seed.
+
+    python -m dataset.synthetic --out data/demo
+"""
+import argparse
+import json
+import os
+import random
+
+from PIL import Image, ImageDraw, ImageFilter
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 215, 40),
+          "purple": (140, 60, 180), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20)}
+SHAPES = ["circle", "square", "triangle", "diamond", "cross"]
+SIZES = ["small", "large"]
+ROWS = ["top", "middle", "bottom"]
+POS_PHRASE = {"top": "at the top", "middle": "in the middle", "bottom": "at the bottom"}
+COUNT_WORD = {1: "one", 2: "two", 3: "three"}
+ATTRS = ("size", "color", "shape", "row")
+
+
+def random_object(rng):
+    return {"color": rng.choice(list(COLORS)), "shape": rng.choice(SHAPES), "size": rng.choice(SIZES),
+            "row": rng.choice(ROWS), "col": rng.randrange(3)}
+
+
+def random_scene(rng):
+    objs, cells = [], set()
+    for _ in range(rng.choice([1, 1, 2, 2, 3])):
+        o = random_object(rng)
+        while (o["row"], o["col"]) in cells:
+            o["row"], o["col"] = rng.choice(ROWS), rng.randrange(3)
+        cells.add((o["row"], o["col"]))
+        objs.append(o)
+    return {"objects": objs, "background": [rng.randrange(90, 170) for _ in range(3)]}
+
+
+def mutate(scene, rng):
+    """A copy of ``scene`` with one attribute of one object changed (a hard negative)."""
+    s = json.loads(json.dumps(scene))
+    o = rng.choice(s["objects"])
+    attr = rng.choice(["color", "shape", "size"])
+    pool = {"color": list(COLORS), "shape": SHAPES, "size": SIZES}[attr]
+    o[attr] = rng.choice([v for v in pool if v != o[attr]])
+    return s
+
+
+def render(scene, size, rng):
+    img = Image.new("RGB", (size, size), tuple(scene["background"]))
+    d = ImageDraw.Draw(img)
+    cell = size / 3
+    for o in scene["objects"]:
+        r = cell * (0.42 if o["size"] == "large" else 0.22)
+        cx = cell * (o["col"] + 0.5) + rng.uniform(-0.06, 0.06) * cell
+        cy = cell * (ROWS.index(o["row"]) + 0.5) + rng.uniform(-0.06, 0.06) * cell
+        c = COLORS[o["color"]]
+        if o["shape"] == "circle":
+            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=c)
+        elif o["shape"] == "square":
+            d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=c)
+        elif o["shape"] == "triangle":
+            d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=c)
+        elif o["shape"] == "diamond":
+            d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=c)
+        else:
+            w = r / 3
+            d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=c)
+            d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=c)
+    return img.filter(ImageFilter.GaussianBlur(0.4))
+
+
+# ------------------------------------------------------------------ captions as structured constraints
+def phrase(mention):
+    words = [mention[a] for a in ("size", "color", "shape") if a in mention]
+    if "shape" not in mention:
+        words.append("shape")
+    text = "a " + " ".join(words)
+    if "row" in mention:
+        text += " " + POS_PHRASE[mention["row"]]
+    return text
+
+
+def caption_text(spec):
+    parts = [phrase(m) for m in spec["mentions"]]
+    body = " and ".join(parts)
+    if spec.get("count"):
+        n = spec["count"]
+        noun = "shape" if n == 1 else "shapes"
+        return f"{COUNT_WORD[n]} {noun} : {body}" if parts else f"{COUNT_WORD[n]} {noun}"
+    return ("there is " + body) if spec.get("there_is") else body
+
+
+def make_caption(scene, rng):
+    """A caption that mentions a random subset of objects and, for each, a random subset of attributes."""
+    objs = scene["objects"]
+    k = rng.randint(1, len(objs))
+    mentions = []
+    for o in rng.sample(objs, k):
+        keep = [a for a in ATTRS if rng.random() < 0.6]
+        while len(keep) < 2:   # at least two attributes: captions stay partial but not vacuous
+            keep = sorted(set(keep) | {rng.choice(ATTRS)}, key=ATTRS.index)
+        mentions.append({a: o[a] for a in keep})
+    spec = {"mentions": mentions}
+    if rng.random() < 0.25:
+        spec["count"] = len(objs)
+    elif rng.random() < 0.3:
+        spec["there_is"] = True
+    return spec
+
+
+def matches(spec, scene):
+    """True if every mentioned object can be assigned a distinct object of the scene with those attributes."""
+    objs = scene["objects"]
+    if spec.get("count") and spec["count"] != len(objs):
+        return False
+
+    def assign(i, used):
+        if i == len(spec["mentions"]):
+            return True
+        m = spec["mentions"][i]
+        for j, o in enumerate(objs):
+            if j not in used and all(o[a] == v for a, v in m.items()):
+                if assign(i + 1, used | {j}):
+                    return True
+        return False
+
+    return assign(0, frozenset())
+
+
+def mention_key(mention):
+    return tuple((a, mention[a]) for a in ATTRS if a in mention)
+
+
+def attribute_index(records):
+    """(attribute, value) subsets -> indices of the records having an object with them."""
+    index = {}
+    for j, r in enumerate(records):
+        for o in r["scene"]["objects"]:
+            for mask in range(1, 2 ** len(ATTRS)):
+                key = tuple((a, o[a]) for b, a in enumerate(ATTRS) if mask >> b & 1)
+                index.setdefault(key, set()).add(j)
+    return index
+
+
+def build_world(out, seed=0, n_train=3000, n_val=200, n_test=200, captions_per_image=5, size=96,
+                hard_negative_share=0.3):
+    rng = random.Random(seed)
+    os.makedirs(os.path.join(out, "images"), exist_ok=True)
+    total = n_train + n_val + n_test
+    scenes = []
+    for i in range(total):
+        if scenes and rng.random() < hard_negative_share:
+            scenes.append(mutate(rng.choice(scenes[-50:]), rng))
+        else:
+            scenes.append(random_scene(rng))
+    splits = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
+    records = []
+    for i, (scene, split) in enumerate(zip(scenes, splits)):
+        name = f"images/{split}_{i:06d}.jpg"
+        render(scene, size, rng).save(os.path.join(out, name), quality=92)
+        specs = []
+        while len(specs) < captions_per_image:
+            sp = make_caption(scene, rng)
+            if caption_text(sp) not in [caption_text(s) for s in specs] or len(specs) > 20:
+                specs.append(sp)
+        records.append({"image": name, "image_id": i, "split": split, "scene": scene,
+                        "captions": [caption_text(s) for s in specs], "caption_specs": specs})
+    by_split = {s: [r for r in records if r["split"] == s] for s in ("train", "val", "test")}
+
+    def dump(obj, name):
+        with open(os.path.join(out, name), "w") as f:
+            json.dump(obj, f)
+
+    dump([{"image": r["image"], "caption": r["captions"]} for r in by_split["train"]], "pretrain.json")
+    dump([{"image": r["image"], "caption": c, "image_id": r["image_id"]} for r in by_split["train"]
+          for c in r["captions"]], "retrieval_train.json")
+    for s in ("val", "test"):
+        dump([{"image": r["image"], "caption": r["captions"]} for r in by_split[s]], f"retrieval_{s}.json")
+    dump([{"image": r["image"], "image_id": r["image_id"], "split": r["split"], "scene": r["scene"],
+           "captions": r["captions"], "caption_specs": r["caption_specs"]} for r in records], "scenes.json")
+    # ground truth: for each caption, the ids of the other images of its split that it truly describes
+    fn = {}
+    for s, recs in by_split.items():
+        index = attribute_index(recs)
+        for r in recs:
+            for c, spec in zip(r["captions"], r["caption_specs"]):
+                cand = set.intersection(*(index.get(mention_key(m), set()) for m in spec["mentions"]))
+                others = sorted(recs[j]["image_id"] for j in cand
+                                if recs[j] is not r and matches(spec, recs[j]["scene"]))
+                fn.setdefault(s, []).append({"image_id": r["image_id"], "caption": c, "false_negatives": others})
+    dump(fn, "false_negatives.json")
+    write_vocab(os.path.join(out, "vocab"))
+    stats = {s: {"images": len(recs), "captions": sum(len(r["captions"]) for r in recs),
+                 "captions_with_false_negatives": sum(1 for x in fn[s] if x["false_negatives"])}
+             for s, recs in by_split.items()}
+    dump(stats, "stats.json")
+    return stats
+
+
+def vocabulary():
+    words = set(COLORS) | set(SHAPES) | set(SIZES) | set(ROWS) | set(COUNT_WORD.values())
+    words |= {"a", "and", "at", "the", "in", "there", "is", "shape", "shapes", "on", "of", "with"}
+    return sorted(words)
+
+
+def write_vocab(directory):
+    """A WordPiece vocab covering the demo world, with BERT's special tokens first."""
+    os.makedirs(directory, exist_ok=True)
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + vocabulary()
+    tokens += list("abcdefghijklmnopqrstuvwxyz0123456789") + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
+    seen, out = set(), []
+    for t in tokens:
+        if t not in seen:
+            seen.add(t), out.append(t)
+    with open(os.path.join(directory, "vocab.txt"), "w") as f:
+        f.write("\n".join(out) + "\n")
+    return len(out)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="data/demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n_train", type=int, default=3000)
+    p.add_argument("--n_val", type=int, default=200)
+    p.add_argument("--n_test", type=int, default=200)
+    p.add_argument("--size", type=int, default=96, help="image side in pixels")
+    a = p.parse_args()
+    stats = build_world(a.out, a.seed, a.n_train, a.n_val, a.n_test, size=a.size)
+    print(json.dumps({"out": a.out, **stats}))
+
+
+if __name__ == "__main__":
+    main()

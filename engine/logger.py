@@ -1,0 +1,108 @@
+"""Metric averaging, console progress with throughput and ETA, JSON-lines log and TensorBoard."""
+import datetime
+import json
+import os
+import sys
+import time
+from collections import defaultdict, deque
+
+import torch
+
+from engine.distributed import all_reduce_sum, is_dist
+
+
+class SmoothedValue:
+    def __init__(self, window=50):
+        self.window = deque(maxlen=window)
+        self.total, self.count = 0.0, 0
+
+    def update(self, value, n=1):
+        self.window.append(value)
+        self.total += value * n
+        self.count += n
+
+    @property
+    def avg(self):
+        return sum(self.window) / max(len(self.window), 1)
+
+    @property
+    def global_avg(self):
+        return self.total / max(self.count, 1)
+
+
+class MetricLogger:
+    def __init__(self, window=50):
+        self.meters = defaultdict(lambda: SmoothedValue(window))
+
+    def update(self, **kw):
+        for k, v in kw.items():
+            self.meters[k].update(float(v))
+
+    def synchronize(self):
+        """Global averages over all ranks (one all-reduce)."""
+        if not is_dist():
+            return {k: m.global_avg for k, m in self.meters.items()}
+        keys = sorted(self.meters)
+        t = torch.tensor([[self.meters[k].total, self.meters[k].count] for k in keys], dtype=torch.float64)
+        all_reduce_sum(t)
+        return {k: (t[i, 0] / max(t[i, 1], 1)).item() for i, k in enumerate(keys)}
+
+    def line(self):
+        return "  ".join(f"{k}: {m.avg:.4g}" for k, m in sorted(self.meters.items()))
+
+
+class Progress:
+    """One line every ``print_freq`` steps: step, meters, samples/s, ETA (works in CI logs and terminals)."""
+
+    def __init__(self, total, header, samples_per_step, enabled=True, print_freq=50):
+        self.total, self.header = total, header
+        self.samples_per_step = samples_per_step
+        self.enabled, self.print_freq = enabled, print_freq
+        self.start = self.last = time.time()
+        self.done = 0
+
+    def step(self, i, metrics):
+        self.done += 1
+        if not self.enabled or not (i % self.print_freq == 0 or i == self.total - 1):
+            return
+        now = time.time()
+        rate = self.done * self.samples_per_step / max(now - self.start, 1e-9)
+        eta = (self.total - i - 1) * self.samples_per_step / max(rate, 1e-9)
+        print(f"{self.header} [{i + 1}/{self.total}]  {metrics.line()}  {rate:.1f} samples/s  "
+              f"eta {datetime.timedelta(seconds=int(eta))}", flush=True)
+        sys.stdout.flush()
+
+    def elapsed(self):
+        return time.time() - self.start
+
+
+class RunLog:
+    """``log.txt`` (JSON lines, as ALBEF) and optional TensorBoard scalars, on the main process only."""
+
+    def __init__(self, output_dir, enabled=True, tensorboard=True):
+        self.enabled = enabled
+        self.path = os.path.join(output_dir, "log.txt")
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+            except Exception as e:   # noqa: BLE001 - TensorBoard is optional
+                print(f"TensorBoard disabled: {e}")
+
+    def write(self, record):
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def scalars(self, prefix, values, step):
+        if self.tb is None:
+            return
+        for k, v in values.items():
+            if isinstance(v, (int, float)):
+                self.tb.add_scalar(f"{prefix}/{k}", v, step)
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,141 @@
+"""Pieces every ALBEF model class shares: building encoders from the config, ITC and ITM blocks."""
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import objectives
+from models.checkpoint import init_text_encoder, init_visual_encoder
+from models.momentum import MomentumMixin
+from models.vit import build_vit
+from models.xbert import BertConfig, BertForMaskedLM, BertLMHeadModel, BertModel
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def bert_config_from(config, **overrides):
+    """``bert_config`` (a JSON path, relative to the cwd or the repo, or inline keys) -> BertConfig."""
+    if "bert_config" not in config:
+        raise KeyError("config key 'bert_config' is required (path to config_bert.json or its keys inline)")
+    value = config["bert_config"]
+    if isinstance(value, str) and not os.path.exists(value) and os.path.exists(os.path.join(REPO_ROOT, value)):
+        value = os.path.join(REPO_ROOT, value)
+    bc = BertConfig.from_config(value)
+    if config.get("attn_implementation"):
+        bc = bc.replace(attn_implementation=config["attn_implementation"])
+    if config.get("grad_checkpointing"):
+        bc = bc.replace(gradient_checkpointing=True)
+    bc = bc.replace(**overrides)
+    vw = config.get("vision_width", 768)
+    if bc.fusion_layer < bc.num_hidden_layers and bc.encoder_width != vw:
+        raise ValueError(f"bert_config.encoder_width ({bc.encoder_width}) must equal vision_width ({vw}): "
+                         "the fusion layers cross-attend to the ViT tokens")
+    return bc
+
+
+class ALBEFBase(MomentumMixin, nn.Module):
+    """Common construction. ``text_encoder`` is an MLM model (``.bert``) or a plain BertModel."""
+
+    def build_encoders(self, config, text_cls=BertModel, bert_overrides=None, image_res=None):
+        self.config = config
+        self.visual_encoder = build_vit(config, image_res)
+        bc = bert_config_from(config, **(bert_overrides or {}))
+        self.bert_config = bc
+        self.text_encoder = text_cls(bc)
+        if config.get("vision_init"):
+            init_visual_encoder(self.visual_encoder, config["vision_init"])
+        if config.get("text_encoder"):
+            init_text_encoder(self.text_encoder, config["text_encoder"])
+        self.momentum = config.get("momentum", 0.995)
+        return bc
+
+    def build_contrastive_heads(self, config):
+        vw, tw, ed = config.get("vision_width", 768), self.bert_config.hidden_size, config["embed_dim"]
+        self.vision_proj = nn.Linear(vw, ed)
+        self.text_proj = nn.Linear(tw, ed)
+        self.temp = nn.Parameter(torch.ones([]) * config["temp"])
+        self.itm_head = nn.Linear(tw, 2)
+
+    @property
+    def text_bert(self):
+        """The BertModel inside ``text_encoder`` (the MLM wrapper's ``.bert`` or the encoder itself)."""
+        return self.text_encoder.bert if hasattr(self.text_encoder, "bert") else self.text_encoder
+
+    @property
+    def text_bert_m(self):
+        return self.text_encoder_m.bert if hasattr(self.text_encoder_m, "bert") else self.text_encoder_m
+
+    # ---- encoders
+    def encode_image(self, image, momentum=False):
+        enc, proj = ((self.visual_encoder_m, self.vision_proj_m) if momentum
+                     else (self.visual_encoder, self.vision_proj))
+        embeds = enc(image)
+        return embeds, F.normalize(proj(embeds[:, 0]).float(), dim=-1)
+
+    def encode_text(self, input_ids, attention_mask, momentum=False):
+        bert, proj = (self.text_bert_m, self.text_proj_m) if momentum else (self.text_bert, self.text_proj)
+        embeds = bert(input_ids=input_ids, attention_mask=attention_mask, mode="text").last_hidden_state
+        return embeds, F.normalize(proj(embeds[:, 0]).float(), dim=-1)
+
+    def fuse(self, text_embeds, text_atts, image_embeds, image_atts=None):
+        """Fusion layers over (text states, image tokens); returns the multimodal [CLS] states."""
+        if image_atts is None:
+            image_atts = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
+        out = self.text_bert(encoder_embeds=text_embeds, attention_mask=text_atts,
+                             encoder_hidden_states=image_embeds, encoder_attention_mask=image_atts, mode="fusion")
+        return out.last_hidden_state[:, 0]
+
+    @torch.no_grad()
+    def clamp_temp(self):
+        self.temp.clamp_(0.001, 0.5)
+
+    # ---- objectives
+    def itc(self, image_feat, text_feat, image_feat_m, text_feat_m, positives, alpha):
+        """ITC against momentum features + queue. ``positives`` is [bs, bs + Q] bool. Returns (loss, sims)."""
+        image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
+        text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
+        temp = self.temp.float()
+        sim_i2t = image_feat @ text_feat_all / temp
+        sim_t2i = text_feat @ image_feat_all / temp
+        with torch.no_grad():
+            pos = positives.float()
+            if alpha > 0:
+                t_i2t = objectives.itc_targets(image_feat_m @ text_feat_all / temp, pos, alpha)
+                t_t2i = objectives.itc_targets(text_feat_m @ image_feat_all / temp, pos, alpha)
+            else:
+                t_i2t = t_t2i = objectives.itc_targets(None, pos, 0)
+        loss = (objectives.soft_target_ce(sim_i2t, t_i2t) + objectives.soft_target_ce(sim_t2i, t_t2i)) / 2
+        return loss, sim_i2t, sim_t2i
+
+    def itm(self, text_embeds, text_atts, image_embeds, sim_i2t, sim_t2i, positives, hard="sample"):
+        """ITM on bs positives + bs (text, hard image) + bs (hard text, image) pairs.
+
+        ``positives`` [bs, bs] bool marks pairs that must not be drawn as negatives. Returns (loss, extras).
+        """
+        bs = text_embeds.shape[0]
+        image_atts = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
+        with torch.no_grad():
+            pick = objectives.sample_hard_negatives if hard == "sample" else objectives.topk_hard_negatives
+            neg_img, valid_t2i = pick(sim_t2i[:, :bs], positives)
+            neg_txt, valid_i2t = pick(sim_i2t[:, :bs], positives)
+        text_all = torch.cat([text_embeds, text_embeds[neg_txt]], dim=0)
+        atts_all = torch.cat([text_atts, text_atts[neg_txt]], dim=0)
+        image_all = torch.cat([image_embeds[neg_img], image_embeds], dim=0)
+        cls_pos = self.fuse(text_embeds, text_atts, image_embeds, image_atts)
+        cls_neg = self.fuse(text_all, atts_all, image_all, torch.cat([image_atts, image_atts], dim=0))
+        logits = self.itm_head(torch.cat([cls_pos, cls_neg], dim=0))
+        labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)]).to(logits.device)
+        weights = torch.cat([torch.ones(bs, device=logits.device), valid_t2i.float(), valid_i2t.float()])
+        loss = objectives.itm_loss(logits, labels, weights)
+        return loss, {"itm_logits": logits, "neg_image_idx": neg_img, "neg_text_idx": neg_txt}
+
+
+def text_inputs(text):
+    """(input_ids, attention_mask) from a BatchEncoding, a dict or a tuple."""
+    if isinstance(text, (tuple, list)):
+        return text[0], text[1]
+    return text["input_ids"], text["attention_mask"]
+
+
+__all__ = ["ALBEFBase", "BertForMaskedLM", "BertLMHeadModel", "BertModel", "bert_config_from", "text_inputs"]

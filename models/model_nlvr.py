@@ -1,0 +1,55 @@
+"""ALBEF NLVR2 model: two images, each fusion layer doubled, cross-attention keys/values shared per pair."""
+import torch
+
+from models.base import ALBEFBase, BertModel, text_inputs
+from models.classifier import cls_head, distilled_ce
+
+
+def nlvr_num_layers(bc):
+    """fusion_layer + 2 * (num_hidden_layers - fusion_layer): 18 for BERT-base."""
+    return bc.fusion_layer + 2 * (bc.num_hidden_layers - bc.fusion_layer)
+
+
+def share_cross_attention(encoder, fusion_layer):
+    """Layers f+2i and f+2i+1 (one per image) use the same cross-attention key and value projections."""
+    layers = encoder.layer
+    for i in range((len(layers) - fusion_layer) // 2):
+        a, b = layers[fusion_layer + 2 * i].crossattention.self, layers[fusion_layer + 2 * i + 1].crossattention.self
+        a.key, a.value = b.key, b.value
+
+
+class ALBEF(ALBEFBase):
+    """``forward(image, text, targets, alpha, train)``; ``image`` = cat([first images, second images])."""
+
+    def __init__(self, config, tokenizer=None):
+        super().__init__()
+        from models.base import bert_config_from
+        base = bert_config_from(config)
+        self.build_encoders(config, text_cls=BertModel, bert_overrides={"num_hidden_layers": nlvr_num_layers(base)})
+        share_cross_attention(self.text_encoder.encoder, self.bert_config.fusion_layer)
+        self.cls_head = cls_head(self.bert_config.hidden_size, 2)
+        self.distill = config.get("distill", True)
+        if self.distill:   # deepcopy keeps the K/V sharing inside the momentum copy
+            self.make_momentum("visual_encoder", "text_encoder", "cls_head")
+
+    def predict(self, image, input_ids, attention_mask, momentum=False):
+        vit, bert, head = ((self.visual_encoder_m, self.text_encoder_m, self.cls_head_m) if momentum
+                           else (self.visual_encoder, self.text_encoder, self.cls_head))
+        embeds = vit(image)
+        img0, img1 = embeds.split(input_ids.shape[0])
+        atts = torch.ones(img0.shape[:2], dtype=torch.long, device=img0.device)
+        out = bert(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=[img0, img1],
+                   encoder_attention_mask=[atts, atts])
+        return head(out.last_hidden_state[:, 0])
+
+    def forward(self, image, text, targets=None, alpha=0.0, train=True):
+        input_ids, attention_mask = text_inputs(text)
+        prediction = self.predict(image, input_ids, attention_mask)
+        if not train:
+            return prediction
+        prediction_m = None
+        if self.distill:
+            with torch.no_grad():
+                self._momentum_update()
+                prediction_m = self.predict(image, input_ids, attention_mask, momentum=True)
+        return distilled_ce(prediction, targets, prediction_m, alpha)

@@ -1,0 +1,40 @@
+"""ALBEF retrieval model (also the grounding model and MAFA's filter): ITC with the ``idx`` queue + ITM."""
+import torch
+
+from models.base import ALBEFBase, BertModel, text_inputs
+from models.momentum import dequeue_and_enqueue, init_queues
+
+
+class ALBEF(ALBEFBase):
+    """``forward(image, text, alpha, idx)`` returns ``{'loss_ita', 'loss_itm'}``.
+
+    Captions of the same image (equal ``idx``), in the batch or in the queue, are all ITC positives and are
+    never drawn as ITM negatives.
+    """
+
+    def __init__(self, config, tokenizer=None):
+        super().__init__()
+        self.build_encoders(config, text_cls=BertModel)
+        self.build_contrastive_heads(config)
+        self.distill = config.get("distill", True)
+        self.make_momentum("visual_encoder", "vision_proj", "text_encoder", "text_proj")
+        init_queues(self, config["embed_dim"], config["queue_size"], with_idx=True)
+
+    def forward(self, image, text, alpha=0.0, idx=None):
+        input_ids, attention_mask = text_inputs(text)
+        self.clamp_temp()   # ALBEF clamps only in pretraining; harmless here and keeps temp sane
+        image_embeds, image_feat = self.encode_image(image)
+        text_embeds, text_feat = self.encode_text(input_ids, attention_mask)
+        idx = idx.view(-1, 1)
+        idx_all = torch.cat([idx.t(), self.idx_queue.clone().detach()], dim=1)
+        positives = idx == idx_all
+        with torch.no_grad():
+            self._momentum_update()
+            _, image_feat_m = self.encode_image(image, momentum=True)
+            _, text_feat_m = self.encode_text(input_ids, attention_mask, momentum=True)
+        loss_ita, sim_i2t, sim_t2i = self.itc(image_feat, text_feat, image_feat_m, text_feat_m, positives,
+                                              alpha if self.distill else 0.0)
+        dequeue_and_enqueue(self, image_feat_m, text_feat_m, idx)
+        bs = image.shape[0]
+        loss_itm, _ = self.itm(text_embeds, attention_mask, image_embeds, sim_i2t, sim_t2i, positives[:, :bs])
+        return {"loss_ita": loss_ita, "loss_itm": loss_itm}

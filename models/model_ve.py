@@ -1,0 +1,38 @@
+"""ALBEF visual-entailment model: 12-layer fusion encoder + 3-way head (entailment 2, neutral 1, contradiction 0)."""
+import torch
+
+from models.base import ALBEFBase, BertModel, text_inputs
+from models.classifier import cls_head, distilled_ce
+
+
+class ALBEF(ALBEFBase):
+    """``forward(image, text, targets, alpha, train)``: the loss when training, else the logits [B, 3]."""
+
+    num_classes = 3
+
+    def __init__(self, config, tokenizer=None):
+        super().__init__()
+        self.build_encoders(config, text_cls=BertModel)
+        self.cls_head = cls_head(self.bert_config.hidden_size, self.num_classes)
+        self.distill = config.get("distill", True)
+        if self.distill:
+            self.make_momentum("visual_encoder", "text_encoder", "cls_head")
+
+    def predict(self, image, input_ids, attention_mask, momentum=False):
+        vit, bert, head = ((self.visual_encoder_m, self.text_encoder_m, self.cls_head_m) if momentum
+                           else (self.visual_encoder, self.text_encoder, self.cls_head))
+        image_embeds = vit(image)
+        out = bert(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds)
+        return head(out.last_hidden_state[:, 0])
+
+    def forward(self, image, text, targets=None, alpha=0.0, train=True):
+        input_ids, attention_mask = text_inputs(text)
+        prediction = self.predict(image, input_ids, attention_mask)
+        if not train:
+            return prediction
+        prediction_m = None
+        if self.distill:
+            with torch.no_grad():
+                self._momentum_update()
+                prediction_m = self.predict(image, input_ids, attention_mask, momentum=True)
+        return distilled_ce(prediction, targets, prediction_m, alpha)

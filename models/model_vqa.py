@@ -1,0 +1,87 @@
+"""ALBEF VQA model: fusion encoder over (question, image) + causal answer decoder; answers ranked from a list."""
+import torch
+import torch.nn.functional as F
+
+from models.base import ALBEFBase, BertLMHeadModel, BertModel, text_inputs
+
+
+class ALBEF(ALBEFBase):
+    """Training: ``forward(image, question, answer, alpha, k, weights)`` -> loss.
+    Inference: ``forward(image, question, answer_list_tokens, k=k_test, train=False)`` -> (topk_ids, topk_probs).
+
+    ``k[b]`` answers belong to question ``b`` (flattened in order); ``weights`` are their weights.
+    """
+
+    def __init__(self, config, tokenizer=None):
+        super().__init__()
+        bc = self.build_encoders(config, text_cls=BertModel)
+        # decoder: num_hidden_layers - fusion_layer layers, all cross-attending to question states
+        dec_bc = bc.replace(fusion_layer=0, num_hidden_layers=bc.num_hidden_layers - bc.fusion_layer,
+                            encoder_width=bc.hidden_size)
+        self.text_decoder = BertLMHeadModel(dec_bc)
+        if config.get("text_decoder"):
+            from models.checkpoint import init_text_encoder
+            init_text_encoder(self.text_decoder, config["text_decoder"], config_key="text_decoder")
+        self.distill = config.get("distill", True)
+        # released vqa.pth was fine-tuned before ALBEF passed alpha to the decoder (spec §6.2)
+        self.decoder_distill = config.get("decoder_distill", True)
+        # released numbers count the first answer token twice when ranking (spec §6.2 step 4)
+        self.rank_double_count = config.get("rank_answer_double_count", True)
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer is not None else 0
+        if self.distill:
+            self.make_momentum("visual_encoder", "text_encoder", "text_decoder")
+
+    def encode_question(self, image, q_ids, q_mask, momentum=False):
+        vit, bert = (self.visual_encoder_m, self.text_encoder_m) if momentum else (self.visual_encoder, self.text_encoder)
+        image_embeds = vit(image)
+        atts = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image.device)
+        return bert(input_ids=q_ids, attention_mask=q_mask, encoder_hidden_states=image_embeds,
+                    encoder_attention_mask=atts).last_hidden_state
+
+    def forward(self, image, question, answer, alpha=0.0, k=None, weights=None, train=True):
+        q_ids, q_mask = text_inputs(question)
+        a_ids, a_mask = text_inputs(answer)
+        if not train:
+            states = self.encode_question(image, q_ids, q_mask)
+            return self.rank_answer(states, q_mask, a_ids, a_mask, k)
+        k = torch.as_tensor(k, device=image.device)
+        targets = a_ids.masked_fill(a_ids == self.pad_token_id, -100)
+        states = self.encode_question(image, q_ids, q_mask).repeat_interleave(k, dim=0)
+        atts = q_mask.repeat_interleave(k, dim=0)
+        soft = None
+        if self.distill:
+            with torch.no_grad():
+                self._momentum_update()
+                states_m = self.encode_question(image, q_ids, q_mask, momentum=True).repeat_interleave(k, dim=0)
+                logits_m = self.text_decoder_m(a_ids, attention_mask=a_mask, encoder_hidden_states=states_m,
+                                               encoder_attention_mask=atts, return_logits=True)
+                soft = F.softmax(logits_m.float(), dim=-1)
+        use_alpha = alpha if (self.distill and self.decoder_distill) else 0.0
+        out = self.text_decoder(a_ids, attention_mask=a_mask, encoder_hidden_states=states,
+                                encoder_attention_mask=atts, labels=targets, soft_labels=soft, alpha=use_alpha,
+                                reduction="none")
+        return (weights * out.loss).sum() / image.shape[0]
+
+    @torch.no_grad()
+    def rank_answer(self, question_states, question_atts, answer_ids, answer_atts, k):
+        """Top-k candidates by first-token probability, re-ranked by the full answer likelihood."""
+        nq = question_states.shape[0]
+        start = answer_ids[0, 0].repeat(nq, 1)
+        first = self.text_decoder(start, encoder_hidden_states=question_states,
+                                  encoder_attention_mask=question_atts).logits[:, 0, :]
+        prob_first = F.softmax(first.float(), dim=1).index_select(1, answer_ids[:, 1])
+        k = min(k, answer_ids.shape[0])
+        topk_probs, topk_ids = prob_first.topk(k, dim=1)
+        ids = answer_ids.index_select(0, topk_ids.view(-1))
+        atts = answer_atts.index_select(0, topk_ids.view(-1))
+        targets = ids.masked_fill(ids == self.pad_token_id, -100)
+        out = self.text_decoder(ids, attention_mask=atts,
+                                encoder_hidden_states=question_states.repeat_interleave(k, dim=0),
+                                encoder_attention_mask=question_atts.repeat_interleave(k, dim=0),
+                                labels=targets, reduction="none")
+        log_probs = -out.loss.view(nq, k)
+        if self.rank_double_count:
+            log_probs = log_probs + topk_probs.log()
+        probs = F.softmax(log_probs, dim=-1)
+        order = probs.argsort(dim=1, descending=True)
+        return topk_ids.gather(1, order), probs.gather(1, order)

@@ -1,0 +1,74 @@
+"""Losses and samplers of the ALBEF objectives, as functions of encoder outputs (no encoders run here)."""
+import torch
+import torch.nn.functional as F
+
+
+def soft_target_ce(logits, targets):
+    """mean_i( -sum_j targets[i, j] * log_softmax(logits)[i, j] ) (ALBEF's ITC with soft targets)."""
+    return -(F.log_softmax(logits.float(), dim=1) * targets).sum(dim=1).mean()
+
+
+def itc_targets(sim_m, positives, alpha):
+    """Momentum-distilled targets: alpha * softmax(sim_m) + (1 - alpha) * positives / row sum."""
+    hard = positives / positives.sum(1, keepdim=True)
+    if sim_m is None or alpha == 0:
+        return hard
+    return alpha * F.softmax(sim_m.float(), dim=1) + (1 - alpha) * hard
+
+
+def hard_negative_weights(sim, positives):
+    """Sampling weights over the batch: softmax of the similarities with positives excluded.
+
+    Returns (weights, valid). A row whose every entry is a positive (batch of one, or all captions of the
+    same image) has no valid negative: it gets uniform weights and ``valid`` False, so the caller can drop
+    that pair instead of crashing as ALBEF's multinomial does.
+    """
+    sim = torch.nan_to_num(sim.float(), nan=0.0, posinf=1e4, neginf=-1e4)
+    valid = (~positives).any(dim=1)
+    w = sim.masked_fill(positives, float("-inf")).softmax(dim=1)
+    w = torch.where(valid[:, None], w, torch.ones_like(w))
+    return w, valid
+
+
+def sample_hard_negatives(sim, positives, generator=None):
+    """One negative index per row, drawn with ALBEF's softmax weights; one multinomial call, no host sync."""
+    w, valid = hard_negative_weights(sim, positives)
+    idx = torch.multinomial(w, 1, generator=generator).squeeze(1)
+    return idx, valid
+
+
+def topk_hard_negatives(sim, positives):
+    """The hardest negative per row (GRIT-VLP's top-1 choice)."""
+    w, valid = hard_negative_weights(sim, positives)
+    return w.argmax(dim=1), valid
+
+
+def itm_loss(logits, labels, weights):
+    """Cross-entropy averaged over the pairs with weight 1 (all of them in ALBEF)."""
+    ce = F.cross_entropy(logits.float(), labels, reduction="none")
+    return (ce * weights).sum() / weights.sum().clamp(min=1)
+
+
+def mask_tokens(input_ids, vocab_size, mlm_probability, mask_token_id, pad_token_id, cls_token_id,
+                generator=None):
+    """ALBEF's 80/10/10 masking. Returns (masked ids, labels with -100 where not masked).
+
+    PAD and CLS are never masked; random replacements are drawn from [0, vocab_size) as in ALBEF.
+    Masks are built on the ids' device.
+    """
+    input_ids = input_ids.clone()
+    labels = input_ids.clone()
+    dev = input_ids.device
+
+    def bern(p):
+        return torch.bernoulli(torch.full(input_ids.shape, p, device=dev), generator=generator).bool()
+
+    masked = bern(mlm_probability)
+    masked &= (input_ids != pad_token_id) & (input_ids != cls_token_id)
+    labels[~masked] = -100
+    replaced = bern(0.8) & masked
+    input_ids[replaced] = mask_token_id
+    randomized = bern(0.5) & masked & ~replaced
+    random_words = torch.randint(vocab_size, input_ids.shape, device=dev, generator=generator)
+    input_ids = torch.where(randomized, random_words, input_ids)
+    return input_ids, labels

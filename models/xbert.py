@@ -1,0 +1,490 @@
+"""A compact BERT whose upper layers cross-attend to image tokens.
+
+Parameter names follow HF BERT and ALBEF's ``xbert.py`` so their state dicts load by name. Layers with
+index >= ``fusion_layer`` carry ``crossattention`` (keys/values of width ``encoder_width``). ``mode``
+selects which layers run: ``text`` = [0, fusion_layer), ``fusion`` = [fusion_layer, L) fed through
+``encoder_embeds``, ``multi_modal`` = all of them.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+SELF_ATTN_MASK_VALUE = -10000.0   # ALBEF/HF 4.8 additive mask for self-attention
+CROSS_ATTN_MASK_VALUE = -1e9      # HF 4.8 invert_attention_mask (fp32)
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    fusion_layer: int = 6
+    encoder_width: int = 768
+    gradient_checkpointing: bool = False
+    # 'sdpa' (fused) or 'eager' (returns probabilities; used for Grad-CAM and tests)
+    attn_implementation: str = "sdpa"
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in fields(cls)}
+        known = {k: v for k, v in d.items() if k in names and k != "extra"}
+        # HF keys we do not use (architectures, model_type, ...) are kept, not rejected
+        extra = {k: v for k, v in d.items() if k not in names}
+        return cls(**known, extra=extra)
+
+    @classmethod
+    def from_json_file(cls, path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"bert_config: no such file {path!r}")
+        with open(path) as f:
+            try:
+                return cls.from_dict(json.load(f))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"bert_config: {path!r} is not valid JSON: {e}") from None
+
+    @classmethod
+    def from_config(cls, value, base_dir=None):
+        """`value` is ALBEF's ``bert_config``: a path to a JSON file or the same keys inline."""
+        if isinstance(value, BertConfig):
+            return value
+        if isinstance(value, dict):
+            return cls.from_dict(value)
+        path = value
+        if base_dir and not os.path.isabs(path) and not os.path.exists(path):
+            path = os.path.join(base_dir, path)
+        return cls.from_json_file(path)
+
+    def replace(self, **kw):
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(kw)
+        return BertConfig(**d)
+
+    def to_dict(self):
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        d.update(self.extra)
+        return d
+
+
+class Output(dict):
+    """Dict with attribute access, like HF's ModelOutput (``out.last_hidden_state``, ``out.loss``)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+_ACT = {"gelu": nn.GELU, "relu": nn.ReLU, "gelu_new": lambda: nn.GELU(approximate="tanh"), "tanh": nn.Tanh}
+
+
+def _act(name):
+    if name not in _ACT:
+        raise ValueError(f"bert_config.hidden_act: unsupported activation {name!r}; use one of {sorted(_ACT)}")
+    return _ACT[name]()
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        # persistent as in HF 4.8.1, so every ALBEF checkpoint (which holds it) loads strictly
+        self.register_buffer("position_ids", torch.arange(config.max_position_embeddings).expand((1, -1)),
+                             persistent=True)
+
+    def forward(self, input_ids=None, inputs_embeds=None, past_key_values_length=0):
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        seq_len = inputs_embeds.shape[1]
+        position_ids = self.position_ids[:, past_key_values_length:past_key_values_length + seq_len]
+        x = inputs_embeds + self.position_embeddings(position_ids)
+        x = x + self.token_type_embeddings.weight[0]   # ALBEF never passes token types: all type 0
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, config, is_cross_attention=False):
+        super().__init__()
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(f"bert_config: hidden_size {config.hidden_size} is not a multiple of "
+                             f"num_attention_heads {config.num_attention_heads}")
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        kv_width = config.encoder_width if is_cross_attention else config.hidden_size
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(kv_width, config.hidden_size)
+        self.value = nn.Linear(kv_width, config.hidden_size)
+        self.dropout_p = config.attention_probs_dropout_prob
+        self.is_cross_attention = is_cross_attention
+        self.eager = config.attn_implementation == "eager"
+        self.save_attention = False   # Grad-CAM: keep cross-attention probabilities and their gradient
+        self.attention_map = None
+        self.attn_gradients = None
+
+    def save_attn_gradients(self, grad):
+        self.attn_gradients = grad
+
+    def get_attn_gradients(self):
+        return self.attn_gradients
+
+    def get_attention_map(self):
+        return self.attention_map
+
+    def _heads(self, x):
+        b, n, _ = x.shape
+        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, past_key_value=None,
+                output_attentions=False):
+        """`attention_mask` is additive, broadcastable to [B, heads, Lq, Lk]."""
+        q = self._heads(self.query(hidden_states))
+        if self.is_cross_attention:
+            k = self._heads(self.key(encoder_hidden_states))
+            v = self._heads(self.value(encoder_hidden_states))
+        else:
+            k = self._heads(self.key(hidden_states))
+            v = self._heads(self.value(hidden_states))
+            if past_key_value is not None:
+                k = torch.cat([past_key_value[0], k], dim=2)
+                v = torch.cat([past_key_value[1], v], dim=2)
+        present = None if self.is_cross_attention else (k, v)
+        dropout_p = self.dropout_p if self.training else 0.0
+        keep_probs = output_attentions or (self.save_attention and self.is_cross_attention)
+        if self.eager or keep_probs:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
+            if attention_mask is not None:
+                scores = scores + attention_mask
+            probs = scores.softmax(dim=-1)
+            if self.save_attention and self.is_cross_attention:
+                self.attention_map = probs
+                if probs.requires_grad:
+                    probs.register_hook(self.save_attn_gradients)
+            ctx = F.dropout(probs, dropout_p, self.training) @ v
+        else:
+            if attention_mask is not None:
+                attention_mask = attention_mask.to(q.dtype)
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, dropout_p=dropout_p)
+            probs = None
+        b, _, n, _ = ctx.shape
+        ctx = ctx.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+        return ctx, present, probs
+
+
+class BertSelfOutput(nn.Module):
+    def __init__(self, config, in_features=None):
+        super().__init__()
+        self.dense = nn.Linear(in_features or config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states, input_tensor):
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config, is_cross_attention=False):
+        super().__init__()
+        self.self = BertSelfAttention(config, is_cross_attention)
+        self.output = BertSelfOutput(config)
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, past_key_value=None,
+                output_attentions=False):
+        ctx, present, probs = self.self(hidden_states, attention_mask, encoder_hidden_states, past_key_value,
+                                        output_attentions)
+        return self.output(ctx, hidden_states), present, probs
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = _act(config.hidden_act)
+
+    def forward(self, x):
+        return self.intermediate_act_fn(self.dense(x))
+
+
+class BertOutput(BertSelfOutput):
+    def __init__(self, config):
+        super().__init__(config, in_features=config.intermediate_size)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config, layer_num):
+        super().__init__()
+        self.layer_num = layer_num
+        self.attention = BertAttention(config)
+        self.has_cross_attention = layer_num >= config.fusion_layer
+        if self.has_cross_attention:
+            self.crossattention = BertAttention(config, is_cross_attention=True)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                past_key_value=None, output_attentions=False):
+        x, present, self_probs = self.attention(hidden_states, attention_mask, past_key_value=past_key_value,
+                                                output_attentions=output_attentions)
+        cross_probs = None
+        if self.has_cross_attention:
+            if encoder_hidden_states is None:
+                raise ValueError(f"BERT layer {self.layer_num} cross-attends: encoder_hidden_states is required "
+                                 "(use mode='text' for the text-only layers)")
+            x, _, cross_probs = self.crossattention(x, encoder_attention_mask, encoder_hidden_states,
+                                                    output_attentions=output_attentions)
+        x = self.output(self.intermediate(x), x)
+        return x, present, self_probs, cross_probs
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.layer = nn.ModuleList([BertLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.gradient_checkpointing = config.gradient_checkpointing
+
+    def layer_range(self, mode):
+        L, f = self.config.num_hidden_layers, self.config.fusion_layer
+        if mode == "text":
+            return 0, f
+        if mode == "fusion":
+            return f, L
+        if mode == "multi_modal":
+            return 0, L
+        raise ValueError(f"mode must be 'text', 'fusion' or 'multi_modal', got {mode!r}")
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                past_key_values=None, use_cache=False, output_attentions=False, mode="multi_modal"):
+        start, end = self.layer_range(mode)
+        fusion = self.config.fusion_layer
+        multi = isinstance(encoder_hidden_states, (list, tuple))
+        presents = [] if use_cache else None
+        attentions, cross_attentions = [], []
+        for i in range(start, end):
+            layer = self.layer[i]
+            enc, enc_mask = encoder_hidden_states, encoder_attention_mask
+            if multi:   # NLVR: layer n attends to image (n - fusion_layer) % len(list)
+                j = (i - fusion) % len(encoder_hidden_states)
+                enc, enc_mask = encoder_hidden_states[j], encoder_attention_mask[j]
+            past = past_key_values[i - start] if past_key_values is not None else None
+            if self.gradient_checkpointing and self.training and not use_cache:
+                out = torch.utils.checkpoint.checkpoint(layer, hidden_states, attention_mask, enc, enc_mask, None,
+                                                        output_attentions, use_reentrant=False)
+            else:
+                out = layer(hidden_states, attention_mask, enc, enc_mask, past, output_attentions)
+            hidden_states = out[0]
+            if use_cache:
+                presents.append(out[1])
+            if output_attentions:
+                attentions.append(out[2])
+                cross_attentions.append(out[3])
+        return Output(last_hidden_state=hidden_states, past_key_values=presents,
+                      attentions=attentions if output_attentions else None,
+                      cross_attentions=cross_attentions if output_attentions else None)
+
+
+def init_bert_weights(module, std):
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        module.weight.data.normal_(mean=0.0, std=std)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            module.weight.data[module.padding_idx].zero_()
+    if isinstance(module, nn.LayerNorm):
+        module.bias.data.zero_()
+        module.weight.data.fill_(1.0)
+    if isinstance(module, nn.Linear) and module.bias is not None:
+        module.bias.data.zero_()
+
+
+def invert_cross_mask(mask, dtype):
+    """[B, Lk] of 0/1 -> additive [B, 1, 1, Lk]; a mask already 3-d or 4-d keeps its shape."""
+    if mask.dim() == 2:
+        mask = mask[:, None, None, :]
+    elif mask.dim() == 3:
+        mask = mask[:, None, :, :]
+    return (1.0 - mask.to(dtype)) * CROSS_ATTN_MASK_VALUE
+
+
+class BertModel(nn.Module):
+    """ALBEF's BertModel (no pooler). ``forward`` follows xbert's call convention."""
+
+    def __init__(self, config, add_pooling_layer=False):
+        super().__init__()
+        if add_pooling_layer:
+            raise ValueError("ALBEF never uses the BERT pooler; build with add_pooling_layer=False")
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.apply(lambda m: init_bert_weights(m, config.initializer_range))
+
+    def get_extended_attention_mask(self, attention_mask, seq_len, is_decoder, past_len=0):
+        if attention_mask.dim() == 3:
+            ext = attention_mask[:, None, :, :]
+        elif attention_mask.dim() == 2:
+            if is_decoder:
+                causal = torch.tril(torch.ones(seq_len, past_len + seq_len, device=attention_mask.device,
+                                               dtype=attention_mask.dtype), diagonal=past_len)
+                ext = causal[None, None, :, :] * attention_mask[:, None, None, :]
+            else:
+                ext = attention_mask[:, None, None, :]
+        else:
+            raise ValueError(f"attention_mask must be 2-d or 3-d, got shape {tuple(attention_mask.shape)}")
+        return (1.0 - ext.float()) * SELF_ATTN_MASK_VALUE
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, encoder_embeds=None,
+                encoder_hidden_states=None, encoder_attention_mask=None, past_key_values=None, use_cache=False,
+                output_attentions=False, is_decoder=False, mode="multi_modal", return_dict=True, **unused):
+        given = [x is not None for x in (input_ids, inputs_embeds, encoder_embeds)]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of input_ids, inputs_embeds, encoder_embeds")
+        past_len = past_key_values[0][0].shape[2] if past_key_values is not None else 0
+        if encoder_embeds is not None:
+            hidden = encoder_embeds   # 'fusion' mode input: bypasses the embedding layer entirely
+        else:
+            hidden = self.embeddings(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                                     past_key_values_length=past_len)
+        b, n = hidden.shape[:2]
+        if attention_mask is None:
+            attention_mask = torch.ones(b, n + past_len, device=hidden.device)
+        ext_mask = self.get_extended_attention_mask(attention_mask, n, is_decoder, past_len).to(hidden.dtype)
+        if encoder_hidden_states is not None:
+            if isinstance(encoder_hidden_states, (list, tuple)):
+                if encoder_attention_mask is None:
+                    encoder_attention_mask = [torch.ones(e.shape[:2], device=e.device) for e in encoder_hidden_states]
+                enc_mask = [invert_cross_mask(m, hidden.dtype) for m in encoder_attention_mask]
+            else:
+                if encoder_attention_mask is None:
+                    encoder_attention_mask = torch.ones(encoder_hidden_states.shape[:2], device=hidden.device)
+                enc_mask = invert_cross_mask(encoder_attention_mask, hidden.dtype)
+        else:
+            enc_mask = None
+        return self.encoder(hidden, ext_mask, encoder_hidden_states, enc_mask, past_key_values=past_key_values,
+                            use_cache=use_cache, output_attentions=output_attentions, mode=mode)
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.transform_act_fn = _act(config.hidden_act)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, x):
+        return self.LayerNorm(self.transform_act_fn(self.dense(x)))
+
+
+class BertLMPredictionHead(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.decoder.bias = self.bias   # one Parameter under both names, as in HF
+
+    def forward(self, x):
+        return self.decoder(self.transform(x))
+
+
+class BertOnlyMLMHead(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config)
+
+    def forward(self, x):
+        return self.predictions(x)
+
+
+def soft_cross_entropy(logits, soft_labels, dim=-1):
+    """Per-position -sum(p * log_softmax(logits)). ``dim=1`` reproduces ALBEF's pre-2022-03 typo."""
+    return -(soft_labels * F.log_softmax(logits, dim=dim)).sum(dim=-1)
+
+
+class _BertWithHead(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config)
+        self.cls = BertOnlyMLMHead(config)
+        self.cls.apply(lambda m: init_bert_weights(m, config.initializer_range))
+        self.tie_weights()
+
+    def tie_weights(self):
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+
+
+class BertForMaskedLM(_BertWithHead):
+    """Text/fusion encoder with ALBEF's MLM head and soft-label distillation."""
+
+    def forward(self, input_ids=None, attention_mask=None, encoder_embeds=None, encoder_hidden_states=None,
+                encoder_attention_mask=None, labels=None, mode="multi_modal", soft_labels=None, alpha=0.0,
+                return_logits=False, distill_dim=-1, **kw):
+        out = self.bert(input_ids=input_ids, attention_mask=attention_mask, encoder_embeds=encoder_embeds,
+                        encoder_hidden_states=encoder_hidden_states,
+                        encoder_attention_mask=encoder_attention_mask, mode=mode, **kw)
+        scores = self.cls(out.last_hidden_state)
+        if return_logits:
+            return scores
+        loss = None
+        if labels is not None:
+            sel = labels != -100
+            n = sel.sum().clamp(min=1)   # a batch with nothing masked gives 0, not NaN
+            ce = F.cross_entropy(scores.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                                 reduction="sum") / n
+            loss = ce
+            if soft_labels is not None:
+                distill = soft_cross_entropy(scores.float(), soft_labels.float(), dim=distill_dim)
+                distill = (distill * sel).sum() / n
+                loss = (1 - alpha) * ce + alpha * distill
+        return Output(loss=loss, logits=scores, last_hidden_state=out.last_hidden_state)
+
+
+class BertLMHeadModel(_BertWithHead):
+    """Causal decoder (the VQA answer decoder): per-sequence summed token loss, cached decoding."""
+
+    def forward(self, input_ids=None, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                labels=None, past_key_values=None, use_cache=False, reduction="mean", mode="multi_modal",
+                soft_labels=None, alpha=0.0, return_logits=False, distill_dim=-1, **kw):
+        out = self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                        encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
+                        past_key_values=past_key_values, use_cache=use_cache, is_decoder=True, mode=mode, **kw)
+        scores = self.cls(out.last_hidden_state)
+        if return_logits:
+            return scores[:, :-1, :].contiguous()
+        loss = None
+        if labels is not None:
+            shifted = scores[:, :-1, :].float()
+            targets = labels[:, 1:]
+            tok = F.cross_entropy(shifted.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+            tok = tok.view(targets.shape)
+            valid = targets != -100
+            lm = tok.sum(1)   # per-sequence sum, as ALBEF
+            if soft_labels is not None:
+                distill = (soft_cross_entropy(shifted, soft_labels.float(), dim=distill_dim) * valid).sum(1)
+                lm = (1 - alpha) * lm + alpha * distill
+            if reduction == "mean":   # ALBEF crashes here for B > 1; we return the batch mean
+                lm = lm.mean()
+            elif reduction != "none":
+                raise ValueError(f"reduction must be 'none' or 'mean', got {reduction!r}")
+            loss = lm
+        return Output(loss=loss, logits=scores, past_key_values=out.past_key_values,
+                      last_hidden_state=out.last_hidden_state)
