@@ -1,0 +1,162 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dataset import TextCollate, create_dataset
+from dataset.caption_dataset import AnnotationError, pretrain_dataset, re_eval_dataset, re_train_dataset
+from dataset.randaugment import OPS, RandomAugment
+from dataset import transforms as T
+from dataset.transforms import MEAN, STD
+from dataset.utils import pre_caption, pre_question
+
+
+def test_pre_caption_follows_albef_rules():
+    assert pre_caption("A man's  (red) hat!! on-the/left <person> ") == "a mans red hat on the left person"
+    assert pre_caption("\n  Two   dogs.\n") == "two dogs"
+    assert pre_caption("one two three four", max_words=2) == "one two"
+    assert pre_caption('x*y#z:;~"?') == "xyz"
+
+
+def test_pre_question_keeps_leading_spaces_and_runs():
+    assert pre_question(" What  is-it? ") == " what  is it"
+    assert pre_question("a b c", max_ques_words=2) == "a b"
+
+
+def jpeg(path, size=(40, 30), color=(200, 30, 30)):
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def test_eval_transform_is_pil_bicubic_resize_then_clip_normalisation(tmp_path):
+    img = Image.fromarray(np.random.RandomState(0).randint(0, 255, (30, 50, 3), dtype=np.uint8))
+    out = T.test_transform(24)(img)
+    ref = np.asarray(img.resize((24, 24), Image.BICUBIC), dtype=np.float32) / 255.0
+    ref = (torch.from_numpy(ref).permute(2, 0, 1) - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+    assert out.shape == (3, 24, 24) and torch.allclose(out, ref, atol=1e-5)
+
+
+def test_train_transform_output_and_randaugment_ops():
+    img = Image.fromarray(np.random.RandomState(0).randint(0, 255, (60, 80, 3), dtype=np.uint8))
+    out = T.train_transform(32)(img)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    arr = np.asarray(img).copy()
+    for name, op in OPS.items():
+        res = op(arr, *({"Brightness": (1.36,), "Sharpness": (1.36,), "ShearX": (0.21,), "ShearY": (0.21,),
+                         "TranslateX": (7,), "TranslateY": (7,), "Rotate": (21,)}.get(name, ())))
+        assert res.shape == arr.shape and res.dtype == np.uint8, name
+    assert np.array_equal(OPS["Identity"](arr), arr)
+    eq = OPS["Equalize"](arr)
+    assert eq.max() >= 250   # stretched histogram
+    flat = np.full((10, 10, 3), 250, dtype=np.uint8)
+    assert OPS["Sharpness"](flat, 1.9).max() == 250   # clipped, no uint8 wrap-around
+    with pytest.raises(ValueError, match="unknown ops"):
+        RandomAugment(augs=["Solarise"])
+
+
+def write(tmp_path, name, data):
+    p = tmp_path / name
+    p.write_text(json.dumps(data) if not isinstance(data, str) else data)
+    return str(p)
+
+
+def test_annotation_errors_name_file_and_entry(tmp_path):
+    with pytest.raises(AnnotationError, match="train_file: annotation file not found"):
+        pretrain_dataset([str(tmp_path / "none.json")], None)
+    bad = write(tmp_path, "bad.json", "[{")
+    with pytest.raises(AnnotationError, match="bad.json.*not valid JSON"):
+        pretrain_dataset([bad], None)
+    missing = write(tmp_path, "m.json", [{"image": "a.jpg", "caption": "x"}, {"image": "b.jpg"}])
+    with pytest.raises(AnnotationError, match="m.json', entry 1: missing field 'caption'"):
+        pretrain_dataset([missing], None)
+    wrong = write(tmp_path, "w.json", [{"image": "a.jpg", "caption": []}])
+    with pytest.raises(AnnotationError, match="entry 0"):
+        pretrain_dataset([wrong], None)
+
+
+def test_formats_and_image_root(tmp_path):
+    jpeg(tmp_path / "a.jpg"), jpeg(tmp_path / "b.jpg")
+    pre = write(tmp_path, "p.json", [{"image": "a.jpg", "caption": "A cat."}, {"image": "b.jpg", "caption": ["x", "y"]}])
+    ds = pretrain_dataset([pre], T.test_transform(16), image_root=str(tmp_path))
+    img, cap, idx, bad = ds[0]
+    assert img.shape == (3, 16, 16) and cap == "a cat" and idx == 0 and bad == []
+    assert ds[1][1] in ("x", "y")
+    assert ds[1][1] == ds[1][1]   # the caption choice is seeded per (seed, epoch, index)
+    rt = write(tmp_path, "r.json", [{"image": "a.jpg", "caption": "c1", "image_id": "z"},
+                                    {"image": "a.jpg", "caption": "c2", "image_id": "z"},
+                                    {"image": "b.jpg", "caption": "c3", "image_id": 7}])
+    ds = re_train_dataset([rt], T.test_transform(16), str(tmp_path))
+    assert [ds[i][2] for i in range(3)] == [0, 0, 1]
+    ev = write(tmp_path, "e.json", [{"image": "a.jpg", "caption": ["c1", "c2"]}, {"image": "b.jpg", "caption": ["c3"]}])
+    ds = re_eval_dataset(ev, T.test_transform(16), str(tmp_path))
+    assert ds.text == ["c1", "c2", "c3"] and ds.img2txt == {0: [0, 1], 1: [2]} and ds.txt2img == {0: 0, 1: 0, 2: 1}
+
+
+def test_bad_images_are_skipped_and_reported(tmp_path):
+    jpeg(tmp_path / "ok.jpg")
+    (tmp_path / "corrupt.jpg").write_bytes(b"not an image")
+    full = tmp_path / "full.jpg"
+    jpeg(full, size=(64, 64))
+    (tmp_path / "trunc.jpg").write_bytes(full.read_bytes()[:200])
+    ann = [{"image": n, "caption": "c"} for n in ("missing.jpg", "corrupt.jpg", "trunc.jpg", "ok.jpg")]
+    ds = pretrain_dataset([write(tmp_path, "p.json", ann)], T.test_transform(16), image_root=str(tmp_path))
+    img, cap, idx, bad = ds[0]
+    assert idx == 3 and len(bad) == 3
+    assert "missing.jpg" in bad[0] and "corrupt.jpg" in bad[1] and "trunc.jpg" in bad[2]
+    ds.max_consecutive_bad = 2
+    with pytest.raises(RuntimeError, match="consecutive unreadable images"):
+        ds[0]
+
+
+def test_bad_image_threshold_stops_the_run():
+    from engine.trainer import BadImageError, Trainer
+    t = Trainer.__new__(Trainer)
+    t.max_bad, t.bad = 0.05, {"count": 0, "seen": 0, "examples": []}
+    t._count_bad({"bad": ["x.jpg (FileNotFoundError)"], "n": 40})
+    assert t._check_bad(final=True)["count"] == 1   # 1/41 is under 5%
+    t._count_bad({"bad": ["y.jpg (OSError)"] * 5, "n": 10})
+    with pytest.raises(BadImageError, match="max_bad_image_fraction"):
+        t._check_bad(final=True)
+
+
+def test_collate_tokenizes_and_carries_bad_paths(tiny_world):
+    from models.tokenization import ALBEFTokenizer
+    tok = ALBEFTokenizer(os.path.join(tiny_world, "vocab"))
+    cfg = {"train_file": [os.path.join(tiny_world, "pretrain.json")], "image_root": tiny_world, "image_res": 16}
+    ds = create_dataset("pretrain", cfg)
+    batch = TextCollate(tok, max_length=25)([ds[0], ds[1], ds[2]])
+    assert batch["image"].shape == (3, 3, 16, 16) and batch["input_ids"].shape[0] == 3
+    assert (batch["input_ids"][:, 0] == tok.cls_token_id).all() and batch["bad"] == [] and batch["n"] == 3
+    assert tok.unk_token_id not in batch["input_ids"].tolist()
+
+
+def test_per_sample_augmentation_is_reproducible(tiny_world):
+    cfg = {"train_file": [os.path.join(tiny_world, "pretrain.json")], "image_root": tiny_world, "image_res": 16}
+    ds = create_dataset("pretrain", cfg, seed=3)
+    a, b = ds[5][0], ds[5][0]
+    assert torch.equal(a, b)
+    ds.set_epoch(1)
+    assert not torch.equal(ds[5][0], a)
+
+
+def test_demo_world_is_deterministic_and_false_negatives_are_exact(tmp_path, tiny_world):
+    from dataset.synthetic import build_world, matches
+    other = str(tmp_path / "w")
+    build_world(other, seed=1, n_train=96, n_val=16, n_test=24, size=32)
+    for name in ("pretrain.json", "retrieval_test.json", "false_negatives.json"):
+        assert open(os.path.join(other, name)).read() == open(os.path.join(tiny_world, name)).read()
+    scenes = json.load(open(os.path.join(tiny_world, "scenes.json")))
+    fn = json.load(open(os.path.join(tiny_world, "false_negatives.json")))["test"]
+    test = [s for s in scenes if s["split"] == "test"]
+    spec_of = {(s["image_id"], c): sp for s in test for c, sp in zip(s["captions"], s["caption_specs"])}
+    for item in fn:
+        spec = spec_of[(item["image_id"], item["caption"])]
+        brute = sorted(s["image_id"] for s in test if s["image_id"] != item["image_id"] and matches(spec, s["scene"]))
+        assert item["false_negatives"] == brute
+    scene = {"objects": [{"color": "red", "shape": "circle", "size": "small", "row": "top", "col": 0}]}
+    assert matches({"mentions": [{"color": "red"}]}, scene)
+    assert not matches({"mentions": [{"color": "red"}, {"color": "red"}]}, scene)   # objects are distinct
+    assert not matches({"mentions": [{"color": "red"}], "count": 2}, scene)

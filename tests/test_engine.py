@@ -1,0 +1,124 @@
+"""End-to-end runs of Pretrain.py: resume after SIGKILL, 2-process gloo, atomic checkpoints."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+
+
+def write_config(world, path, **extra):
+    cfg = {
+        "train_file": [os.path.join(world, "pretrain.json")], "image_root": world,
+        "tokenizer": os.path.join(world, "vocab"),
+        "bert_config": {"vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                        "intermediate_size": 64, "fusion_layer": 1, "encoder_width": 32,
+                        "max_position_embeddings": 40},
+        "image_res": 32, "patch_size": 8, "vision_width": 32, "vision_depth": 1, "vision_heads": 2, "embed_dim": 16,
+        "batch_size": 8, "temp": 0.07, "mlm_probability": 0.15, "queue_size": 48, "momentum": 0.995, "alpha": 0.4,
+        "num_workers": 1, "print_freq": 4, "ckpt_every_steps": 3, "ckpt_keep_last": 2, "tensorboard": False,
+        "optimizer": {"opt": "adamW", "lr": 1e-3, "weight_decay": 0.02},
+        "schedular": {"sched": "cosine", "lr": 1e-3, "epochs": 2, "min_lr": 1e-5, "decay_rate": 1, "warmup_lr": 1e-5,
+                      "warmup_epochs": 2, "cooldown_epochs": 0, "warmup_block": 2},
+    }
+    cfg.update(extra)
+    with open(path, "w") as f:
+        json.dump(cfg, f)   # JSON is YAML
+    return path
+
+
+def pretrain_cmd(config, out, *extra):
+    return [PY, os.path.join(ROOT, "Pretrain.py"), "--config", config, "--output_dir", out, "--device", "cpu", *extra]
+
+
+def run(cmd, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600, **kw)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_sigkill_and_resume_ends_with_identical_weights(tiny_world, tmp_path):
+    config = write_config(tiny_world, str(tmp_path / "c.yaml"))
+    ref_out, out = str(tmp_path / "ref"), str(tmp_path / "killed")
+    run(pretrain_cmd(config, ref_out))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(pretrain_cmd(config, out), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    target = os.path.join(out, "checkpoint_step00000015.pth")   # mid-way through epoch 1
+    while not os.path.exists(target) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(out, "checkpoint_01.pth")), "run finished before it was killed"
+    r = run(pretrain_cmd(config, out, "--resume", "latest"))
+    assert "resumed from" in r.stdout
+    a, b = load(os.path.join(ref_out, "checkpoint_01.pth")), load(os.path.join(out, "checkpoint_01.pth"))
+    assert a["step"] == b["step"] == 24
+    diff = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
+    assert diff == []
+    assert len([f for f in os.listdir(out) if f.startswith("checkpoint_step")]) <= 2   # last K kept
+    log = [json.loads(line) for line in open(os.path.join(out, "log.txt"))]
+    assert log[-1]["epoch"] == 1 and "train_loss_ita" in log[-1]
+
+
+def test_two_process_gloo_run_gathers_the_queue_across_ranks(tiny_world, tmp_path):
+    config = write_config(tiny_world, str(tmp_path / "c.yaml"))
+    out = str(tmp_path / "ddp")
+    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
+           os.path.join(ROOT, "Pretrain.py"), "--config", config, "--output_dir", out, "--device", "cpu",
+           "--opts", "max_steps=4", "ckpt_every_steps=0"]
+    run(cmd)
+    ck = load(os.path.join(out, "checkpoint_step00000004.pth"))
+    # 4 steps x (2 ranks x 8) gathered features = 64 columns, mod 48; one rank alone would advance by 32
+    assert ck["model"]["queue_ptr"].item() == (4 * 16) % 48
+    assert ck["world_size"] == 2 and len(ck["rng"]) == 2
+    assert not torch.equal(ck["rng"][0]["torch"], ck["rng"][1]["torch"])   # ranks draw different masks
+
+
+SAVER = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from engine.checkpointing import atomic_save
+i = 0
+while True:
+    atomic_save({{"i": i, "w": torch.full((1_000_000,), float(i))}}, {path!r})
+    i += 1
+"""
+
+
+def test_kill_during_save_leaves_previous_checkpoint_usable(tmp_path):
+    path = str(tmp_path / "ck.pth")
+    script = tmp_path / "saver.py"
+    script.write_text(SAVER.format(root=ROOT, path=path))
+    for delay in (0.0, 0.05, 0.13, 0.31):
+        proc = subprocess.Popen([PY, str(script)])
+        deadline = time.time() + 120
+        while not os.path.exists(path) and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(delay)
+        proc.kill()   # SIGKILL, most likely in the middle of writing the next one
+        proc.wait()
+        ck = load(path)
+        assert torch.all(ck["w"] == ck["i"])
+        leftovers = [f for f in os.listdir(tmp_path) if ".tmp." in f]
+        for f in leftovers:
+            os.remove(tmp_path / f)
+
+
+def test_resume_latest_with_nothing_saved_starts_fresh(tmp_path):
+    from engine.checkpointing import resolve_resume
+    assert resolve_resume("latest", str(tmp_path)) is None
+    with pytest.raises(FileNotFoundError, match="--resume"):
+        resolve_resume(str(tmp_path / "nope.pth"), str(tmp_path))
