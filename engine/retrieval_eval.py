@@ -15,12 +15,12 @@ FILL = -100.0
 
 @torch.no_grad()
 def encode_texts(model, tokenizer, texts, device, max_length=30, chunk=256):
-    ids, atts, feats, embeds = [], [], [], []
+    atts, feats, embeds = [], [], []
     for s in range(0, len(texts), chunk):
         t = tokenizer(texts[s:s + chunk], padding="max_length", truncation=True, max_length=max_length)
         i, a = t["input_ids"].to(device), t["attention_mask"].to(device)
         f, e = model.encode_text(i, a)
-        ids.append(i), atts.append(a), feats.append(f), embeds.append(e)
+        atts.append(a), feats.append(f), embeds.append(e)
     return torch.cat(atts), torch.cat(feats), torch.cat(embeds)
 
 

@@ -83,8 +83,12 @@ def test_formats_and_image_root(tmp_path):
     ds = pretrain_dataset([pre], T.test_transform(16), image_root=str(tmp_path))
     img, cap, idx, bad = ds[0]
     assert img.shape == (3, 16, 16) and cap == "a cat" and idx == 0 and bad == []
-    assert ds[1][1] in ("x", "y")
-    assert ds[1][1] == ds[1][1]   # the caption choice is seeded per (seed, epoch, index)
+    choices = []
+    for epoch in range(16):   # the caption choice is seeded per (seed, epoch, index)
+        ds.set_epoch(epoch)
+        choices.append(ds[1][1])
+        assert ds[1][1] == choices[-1]
+    assert set(choices) == {"x", "y"}
     rt = write(tmp_path, "r.json", [{"image": "a.jpg", "caption": "c1", "image_id": "z"},
                                     {"image": "a.jpg", "caption": "c2", "image_id": "z"},
                                     {"image": "b.jpg", "caption": "c3", "image_id": 7}])
