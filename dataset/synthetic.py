@@ -197,7 +197,7 @@ def build_world(out, seed=0, n_train=3000, n_val=200, n_test=200, captions_per_i
     dump(fn, "false_negatives.json")
     write_vocab(os.path.join(out, "vocab"))
     stats = {s: {"images": len(recs), "captions": sum(len(r["captions"]) for r in recs),
-                 "captions_with_false_negatives": sum(1 for x in fn[s] if x["false_negatives"])}
+                 "captions_with_false_negatives": sum(1 for x in fn.get(s, []) if x["false_negatives"])}
              for s, recs in by_split.items()}
     dump(stats, "stats.json")
     return stats

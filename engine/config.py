@@ -23,7 +23,7 @@ DATA_KEYS = {
 TRAIN_KEYS = {
     "batch_size", "batch_size_train", "batch_size_test", "warm_up", "eval_ema", "precision", "compile",
     "grad_accum_steps", "clip_grad", "loss_weights", "print_freq", "ckpt_every_steps", "ckpt_keep_last",
-    "eval_every", "tensorboard", "max_steps",
+    "eval_every", "eval_pair_batch", "tensorboard", "max_steps",
 }
 NESTED = {
     "optimizer": {"opt", "lr", "weight_decay", "betas", "decay_0d", "fused", "momentum"},
@@ -143,5 +143,18 @@ def base_parser(description, default_config, default_output):
     p.add_argument("--world_size", default=1, type=int, help="ignored: taken from the launcher's environment")
     p.add_argument("--dist_url", default="env://", help="ignored: env:// is always used")
     p.add_argument("--distributed", default=True, type=str2bool, help="ignored: taken from the environment")
+    p.add_argument("--resume", default="", help="a checkpoint path, or 'latest' in output_dir")
     p.add_argument("--opts", nargs="*", default=[], help="config overrides, e.g. optimizer.lr=1e-4 batch_size=32")
     return p
+
+
+def parse_launcher(parser):
+    """Parse a launcher's arguments, then load, override (``--opts``) and validate its config."""
+    args = parser.parse_args()
+    if str(getattr(args, "resume", "")).lower() in ("false", "0", "no", "none"):   # ALBEF passes --resume False
+        args.resume = ""
+    config = apply_overrides(load_config(args.config), args.opts)
+    if args.text_encoder:
+        config["text_encoder"] = args.text_encoder
+    validate(config)
+    return args, config

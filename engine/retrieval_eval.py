@@ -1,79 +1,224 @@
-"""ALBEF's retrieval evaluation: ITC top-k candidates re-scored by the ITM head, in large pair batches.
+"""ALBEF's retrieval evaluation (spec §7.1), exact but fast.
 
-Scores are the ITM match logit inside each row's top ``k_test`` and -100 elsewhere (ALBEF's convention);
-rows are split across ranks and summed, so every rank ends with the full matrices.
+ALBEF ranks candidates by ITC similarity, then re-scores each image's and each text's top ``k_test`` with
+the ITM head, one query at a time (``reference_evaluation`` below does exactly that, for tests and the
+benchmark). ``evaluation`` gives the same score matrices (to float rounding) and skips only work whose
+result is never used:
+
+* a pair in both an image's and a text's top-k is scored once;
+* the cross-attention keys and values of an image are projected once (images in blocks of up to
+  ``kv_budget`` bytes of keys and values) instead of once per pair;
+* pairs go through the fusion layers in large batches sorted by caption length, each cut to its longest
+  caption (padding is masked out, so it changes nothing);
+* the first fusion layer's self-attention sees only the text, so it runs once per caption;
+* the last fusion layer computes only the [CLS] row, the only one the ITM head reads.
+
+Scores are the ITM match logit inside a row's top-k and -100 elsewhere. Unique pairs are split across
+ranks and the scores summed, so every rank ends with the full matrices.
 """
+import json
+import math
+import os
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from dataset import eval_collate
 from engine.distributed import all_reduce_sum, get_rank, get_world_size
+from models.xbert import SELF_ATTN_MASK_VALUE
 
 FILL = -100.0
 
 
 @torch.no_grad()
 def encode_texts(model, tokenizer, texts, device, max_length=30, chunk=256):
-    atts, feats, embeds = [], [], []
+    """(attention masks, last hidden states [Nt, L, D], normalised ITC features [Nt, E])."""
+    atts, states, feats = [], [], []
     for s in range(0, len(texts), chunk):
         t = tokenizer(texts[s:s + chunk], padding="max_length", truncation=True, max_length=max_length)
         i, a = t["input_ids"].to(device), t["attention_mask"].to(device)
-        f, e = model.encode_text(i, a)
-        atts.append(a), feats.append(f), embeds.append(e)
-    return torch.cat(atts), torch.cat(feats), torch.cat(embeds)
+        h, f = model.encode_text(i, a)
+        atts.append(a), states.append(h), feats.append(f)
+    return torch.cat(atts), torch.cat(states), torch.cat(feats)
 
 
 @torch.no_grad()
 def encode_images(model, dataset, device, batch_size=64, num_workers=2):
+    """(image token states [Ni, 1+N, D], normalised ITC features [Ni, E], unreadable image paths)."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=eval_collate)
-    feats, embeds, bad = [], [], []
+    states, feats, bad = [], [], []
     for batch in loader:
-        f, e = model.encode_image(batch["image"].to(device))
-        feats.append(f), embeds.append(e), bad.extend(batch["bad"])
-    return torch.cat(feats), torch.cat(embeds), bad
+        h, f = model.encode_image(batch["image"].to(device))
+        states.append(h), feats.append(f), bad.extend(batch["bad"])
+    return torch.cat(states), torch.cat(feats), bad
+
+
+# ---------------------------------------------------------------------------------------------- fast scorer
+def _heads(x, n):
+    b, l, d = x.shape
+    return x.view(b, l, n, d // n).transpose(1, 2)
+
+
+def _merge(x):
+    b, h, l, d = x.shape
+    return x.transpose(1, 2).reshape(b, l, h * d)
+
+
+class PairScorer:
+    """ITM match logits ``itm_head(fuse(text, image))[:, 1]`` for lists of (image, text) pairs."""
+
+    def __init__(self, model, image_states, text_states, text_atts, chunk=256):
+        self.bert = model.text_bert
+        cfg = self.bert.config
+        self.layers = list(self.bert.encoder.layer[cfg.fusion_layer:])
+        if not self.layers:
+            raise ValueError("bert_config: fusion_layer equals num_hidden_layers; no fusion layer to score with")
+        self.heads = cfg.num_attention_heads
+        self.itm_head = model.itm_head
+        self.images = image_states
+        self.lengths = text_atts.sum(1)
+        # additive self-attention mask, as BertModel builds it
+        self.mask = ((1.0 - text_atts.float()) * SELF_ATTN_MASK_VALUE)[:, None, None, :]
+        first = self.layers[0].attention
+        x0 = [first(text_states[s:s + chunk], self.mask[s:s + chunk].to(text_states.dtype))[0]
+              for s in range(0, len(text_states), chunk)]
+        self.x0 = torch.cat(x0)   # after the first fusion layer's self-attention: text only
+
+    def _self_attention(self, att, x, mask, cls_only):
+        q_in = x[:, :1] if cls_only else x
+        q = _heads(att.self.query(q_in), self.heads)
+        k = _heads(att.self.key(x), self.heads)
+        v = _heads(att.self.value(x), self.heads)
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
+        return att.output(_merge(ctx), q_in)
+
+    def _cross_attention(self, att, x, k, v):
+        q = _heads(att.self.query(x), self.heads)
+        ctx = F.scaled_dot_product_attention(q, k, v)   # image tokens are never masked
+        return att.output(_merge(ctx), x)
+
+    @torch.no_grad()
+    def image_kv(self, image_ids):
+        """Cross-attention keys and values of some images, per fusion layer: [(K, V) [U, heads, T, dh]]."""
+        images = self.images[image_ids]
+        return [(_heads(layer.crossattention.self.key(images), self.heads),
+                 _heads(layer.crossattention.self.value(images), self.heads)) for layer in self.layers]
+
+    @torch.no_grad()
+    def __call__(self, img_idx, txt_idx, kv=None):
+        """Scores of pairs (``img_idx`` indexes the images of ``kv`` when given, else all images)."""
+        if kv is None:
+            uniq, img_idx = torch.unique(img_idx, return_inverse=True)
+            kv = self.image_kv(uniq)
+        n = int(self.lengths[txt_idx].max())
+        x = self.x0[txt_idx, :n]
+        mask = self.mask[txt_idx][..., :n]
+        last = len(self.layers) - 1
+        for li, layer in enumerate(self.layers):
+            if li > 0:
+                x = self._self_attention(layer.attention, x, mask, cls_only=li == last)
+            elif li == last:
+                x = x[:, :1]
+            k, v = kv[li]
+            x = self._cross_attention(layer.crossattention, x, k[img_idx], v[img_idx])
+            x = layer.output(layer.intermediate(x), x)
+        return self.itm_head(x[:, 0])[:, 1].float()
+
+
+def topk_pairs(sims, k):
+    """Candidate pairs as flat ids ``image * Nt + text``: each image's and each text's top-k by ITC."""
+    ni, nt = sims.shape
+    ki, kt = min(k, nt), min(k, ni)
+    top_t = sims.topk(ki, dim=1).indices                       # [Ni, ki] texts per image
+    top_i = sims.t().topk(kt, dim=1).indices                   # [Nt, kt] images per text
+    i2t = torch.arange(ni, device=sims.device)[:, None] * nt + top_t
+    t2i = top_i * nt + torch.arange(nt, device=sims.device)[:, None]
+    return i2t, t2i
+
+
+def _kv_bytes(scorer, image_states):
+    """Bytes of one image's cross-attention keys and values over all fusion layers."""
+    return 2 * len(scorer.layers) * image_states.shape[1] * scorer.bert.config.hidden_size * image_states.element_size()
 
 
 @torch.no_grad()
-def rescore(model, sims, query_is_image, image_feats, text_feats, text_atts, k, pair_batch):
-    """Score matrix [queries, candidates]: ITM logits on each query row's top-k, FILL elsewhere."""
-    nq, nc = sims.shape
-    k = min(k, nc)
+def score_matrices(model, sims, image_states, text_states, text_atts, k, pair_batch=1024, kv_budget=2 ** 29):
+    """(i2t [Ni, Nt], t2i [Nt, Ni]) score matrices of ALBEF's procedure (see the module docstring)."""
+    ni, nt = sims.shape
+    i2t_ids, t2i_ids = topk_pairs(sims, k)
+    pairs = torch.unique(torch.cat([i2t_ids.reshape(-1), t2i_ids.reshape(-1)]))   # sorted: grouped by image
+    img, txt = pairs // nt, pairs % nt
+    scorer = PairScorer(model, image_states, text_states, text_atts)
+    # Images in blocks whose cross-attention keys/values are projected once; inside a block, pairs sorted
+    # by caption length so every batch is cut to nearly its own length.
+    block = max(1, int(kv_budget // max(1, _kv_bytes(scorer, image_states))))
+    length = text_atts.sum(1)[txt]
+    key = ((img // block) * (text_atts.shape[1] + 1) + length) * ni + img
+    order = torch.sort(key).indices
     rank, world = get_rank(), get_world_size()
-    step = -(-nq // world)
-    rows = torch.arange(rank * step, min(nq, (rank + 1) * step), device=sims.device)
-    out = torch.zeros(nq, nc, device=sims.device)
-    if len(rows):
-        topk = sims[rows].topk(k, dim=1).indices                 # [r, k]
-        q = rows[:, None].expand_as(topk).reshape(-1)
-        c = topk.reshape(-1)
-        img_idx, txt_idx = (q, c) if query_is_image else (c, q)
-        scores = torch.empty(len(q), device=sims.device)
-        for s in range(0, len(q), pair_batch):
-            ii, tt = img_idx[s:s + pair_batch], txt_idx[s:s + pair_batch]
-            cls = model.fuse(text_feats[tt], text_atts[tt], image_feats[ii])
-            scores[s:s + pair_batch] = model.itm_head(cls)[:, 1].float()
-        block = torch.full((len(rows), nc), FILL, device=sims.device)
-        block.scatter_(1, topk, scores.view(len(rows), k))
-        out[rows] = block
-    return all_reduce_sum(out)
+    step = math.ceil(len(pairs) / world)
+    mine = order[rank * step:(rank + 1) * step]
+    scores = torch.zeros(len(pairs), device=sims.device)
+    blocks = img[mine] // block
+    for b in torch.unique_consecutive(blocks).tolist():
+        sel_b = mine[blocks == b]
+        first = b * block
+        kv = scorer.image_kv(torch.arange(first, min(ni, first + block), device=sims.device))
+        for s in range(0, len(sel_b), pair_batch):
+            sel = sel_b[s:s + pair_batch]
+            scores[sel] = scorer(img[sel] - first, txt[sel], kv)
+    scores = all_reduce_sum(scores)
+    flat = torch.full((ni * nt,), FILL, device=sims.device)
+    flat[pairs] = scores
+    full = flat.view(ni, nt)
+    i2t = torch.full((ni, nt), FILL, device=sims.device)
+    i2t.view(-1)[i2t_ids.reshape(-1)] = full.view(-1)[i2t_ids.reshape(-1)]
+    t2i = torch.full((ni, nt), FILL, device=sims.device)    # built image-major, returned transposed
+    t2i.view(-1)[t2i_ids.reshape(-1)] = full.view(-1)[t2i_ids.reshape(-1)]
+    return i2t, t2i.t().contiguous()
 
 
 @torch.no_grad()
 def evaluation(model, dataset, tokenizer, device, k_test=256, max_length=30, pair_batch=1024, batch_size=64,
                num_workers=2, autocast=None):
+    """Returns (i2t scores, t2i scores, ITC similarities) as numpy arrays and the unreadable image paths."""
     model.eval()
     ctx = autocast() if autocast else torch.autocast(device.type, enabled=False)
     with ctx:
-        text_atts, text_feats, text_embeds = encode_texts(model, tokenizer, dataset.text, device, max_length)
-        image_feats, image_embeds, bad = encode_images(model, dataset, device, batch_size, num_workers)
-        sims = image_embeds.float() @ text_embeds.float().t()
-        i2t = rescore(model, sims, True, image_feats, text_feats, text_atts, k_test, pair_batch)
-        t2i = rescore(model, sims.t().contiguous(), False, image_feats, text_feats, text_atts, k_test, pair_batch)
+        text_atts, text_states, text_feats = encode_texts(model, tokenizer, dataset.text, device, max_length)
+        image_states, image_feats, bad = encode_images(model, dataset, device, batch_size, num_workers)
+        sims = image_feats.float() @ text_feats.float().t()
+        i2t, t2i = score_matrices(model, sims, image_states, text_states, text_atts, k_test, pair_batch)
     return i2t.cpu().numpy(), t2i.cpu().numpy(), sims.cpu().numpy(), bad
 
 
+# ---------------------------------------------------------------------------------------------- reference
+@torch.no_grad()
+def reference_scores(model, sims, image_states, text_states, text_atts, k, image_rows=None, text_rows=None):
+    """ALBEF's loop: one fusion pass of k pairs per image and per text (slow; for tests and benchmarks).
+
+    ``image_rows`` / ``text_rows`` restrict it to some queries (the other rows stay at -100).
+    """
+    ni, nt = sims.shape
+    i2t = torch.full((ni, nt), FILL, device=sims.device)
+    for i in range(ni) if image_rows is None else image_rows:
+        top = sims[i].topk(min(k, nt))
+        enc = image_states[i].repeat(len(top.indices), 1, 1)
+        cls = model.fuse(text_states[top.indices], text_atts[top.indices], enc)
+        i2t[i, top.indices] = model.itm_head(cls)[:, 1].float()
+    t2i = torch.full((nt, ni), FILL, device=sims.device)
+    for j in range(nt) if text_rows is None else text_rows:
+        top = sims[:, j].topk(min(k, ni))
+        n = len(top.indices)
+        cls = model.fuse(text_states[j].repeat(n, 1, 1), text_atts[j].repeat(n, 1), image_states[top.indices])
+        t2i[j, top.indices] = model.itm_head(cls)[:, 1].float()
+    return i2t, t2i
+
+
+# ---------------------------------------------------------------------------------------------- metrics
 def itm_eval(scores_i2t, scores_t2i, txt2img, img2txt):
     """ALBEF's recall metrics; an image counts as found if any of its captions ranks within K."""
     ranks = np.zeros(scores_i2t.shape[0])
@@ -89,3 +234,53 @@ def itm_eval(scores_i2t, scores_t2i, txt2img, img2txt):
     tr_mean, ir_mean = (tr1 + tr5 + tr10) / 3, (ir1 + ir5 + ir10) / 3
     return {"txt_r1": tr1, "txt_r5": tr5, "txt_r10": tr10, "txt_r_mean": tr_mean, "img_r1": ir1, "img_r5": ir5,
             "img_r10": ir10, "img_r_mean": ir_mean, "r_mean": (tr_mean + ir_mean) / 2}
+
+
+# ---------------------------------------------------------------------------------------------- launcher glue
+def evaluate_split(model, dataset, tokenizer, config, device, autocast=None):
+    """``itm_eval`` metrics of ``model`` on one ``re_eval_dataset``, with the config's evaluation keys."""
+    i2t, t2i, _, bad = evaluation(model, dataset, tokenizer, device, k_test=config.get("k_test", 256),
+                                  max_length=config.get("eval_max_tokens", 30),
+                                  pair_batch=config.get("eval_pair_batch", 1024),
+                                  batch_size=config.get("batch_size_test", 64),
+                                  num_workers=config.get("num_workers", 2), autocast=autocast)
+    metrics = itm_eval(i2t, t2i, dataset.txt2img, dataset.img2txt)
+    if bad:
+        metrics["bad_images"] = len(bad)
+        print(f"{len(bad)} unreadable evaluation images scored as blank; first: {bad[:3]}")
+    return metrics
+
+
+class Results:
+    """Evaluation results in ``output_dir``: ``results.jsonl`` (one JSON object per evaluation) and
+    ``results.md`` (the same as a table), rewritten after each evaluation. Main process only."""
+
+    COLUMNS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
+
+    def __init__(self, output_dir, main=True):
+        self.jsonl, self.md, self.main = os.path.join(output_dir, "results.jsonl"), \
+            os.path.join(output_dir, "results.md"), main
+        if main:
+            os.makedirs(output_dir, exist_ok=True)
+
+    def add(self, split, metrics, **info):
+        row = {"split": split, **info, **{k: round(float(v), 4) for k, v in metrics.items()}}
+        print(f"{split}: " + "  ".join(f"{k} {row[k]:.2f}" for k in self.COLUMNS if k in row))
+        if not self.main:
+            return row
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self._table()
+        return row
+
+    def _table(self):
+        with open(self.jsonl) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        extra = [k for k in ("epoch", "checkpoint") if any(k in r for r in rows)]
+        head = ["split", *extra, *self.COLUMNS]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            cells = [str(r.get(k, "")) if k in ("split", *extra) else f"{r[k]:.2f}" if k in r else "" for k in head]
+            lines.append("| " + " | ".join(cells) + " |")
+        with open(self.md, "w") as f:
+            f.write("\n".join(lines) + "\n")

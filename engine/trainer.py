@@ -67,6 +67,21 @@ def setup(args):
     return Env(rank, world, local, device)
 
 
+def build(args, config, model_cls, remap=None):
+    """A launcher's start: distributed setup, tokenizer, model, and ``--checkpoint`` weights (unless resuming).
+
+    ``remap`` is the key surgery for a checkpoint of another task (e.g. ``strip_bert`` for retrieval).
+    """
+    from models.checkpoint import load_checkpoint
+    from models.tokenization import ALBEFTokenizer
+    env = setup(args)
+    tokenizer = ALBEFTokenizer(config.get("tokenizer") or config.get("text_encoder") or "")
+    model = model_cls(config, tokenizer)
+    if args.checkpoint and not args.resume:
+        load_checkpoint(model, args.checkpoint, remap=remap)
+    return env, tokenizer, model
+
+
 def git_commit():
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
@@ -123,7 +138,7 @@ class Trainer:
                 "lr_scheduler": self.scheduler.state_dict(), "scaler": None, "config": self.config,
                 "epoch": epoch, "iter": next_iter, "step": global_step, "rng": rng,
                 "sampler": {"seed": self.sampler.seed, "epoch": epoch, "start_batch": next_iter},
-                "bad_images": dict(self.bad), "world_size": self.env.world}
+                "bad_images": dict(self.bad), "world_size": self.env.world, "best": self.best}
 
     def save(self, epoch, next_iter, global_step, name):
         state = self._state(epoch, next_iter, global_step)   # collective (RNG gather): every rank calls it
@@ -144,6 +159,11 @@ class Trainer:
         if len(rngs) == self.env.world:
             ckpt_io.set_rng_state(rngs[self.env.rank])
         self.bad.update(ck.get("bad_images", {}))
+        self.best = ck.get("best")
+        best_file = os.path.join(self.output_dir, "best.json")   # written after the epoch checkpoint: newer
+        if os.path.isfile(best_file):
+            with open(best_file) as f:
+                self.best = json.load(f)
         epoch, it = int(ck["epoch"]), int(ck.get("iter", -1))
         print(f"resumed from {path}: epoch {epoch}, iteration {it}, step {ck.get('step')}")
         return epoch, it, int(ck.get("step", 0))
@@ -158,6 +178,7 @@ class Trainer:
         self.sampler = ResumableDistributedSampler(len(self.dataset), self.batch_size, env.world, env.rank,
                                                    shuffle=True, seed=self.args.seed)
         self.bad = {"count": 0, "seen": 0, "examples": []}
+        self.best = None
         n_iters = self.sampler.num_batches
         start_epoch, start_iter, global_step = 0, 0, 0
         path = ckpt_io.resolve_resume(resume, self.output_dir)
@@ -230,6 +251,7 @@ class Trainer:
             if self.evaluate_fn and (stop or epoch == epochs - 1 or
                                      (cfg.get("eval_every") and (epoch + 1) % int(cfg["eval_every"]) == 0)):
                 record.update(self.evaluate_fn(self.model_without_ddp, epoch))
+                self._select(record, epoch)
             if env.main:
                 print(json.dumps(record))
             self.run_log.write(record)
@@ -238,6 +260,25 @@ class Trainer:
                 break
         self.run_log.close()
         return record if start_epoch < epochs else {}
+
+    def _select(self, record, epoch):
+        """Keep ``checkpoint_best.pth`` (model only, ALBEF's file) for the best ``select_metric`` so far."""
+        if not self.select_metric:
+            return
+        if self.select_metric not in record:
+            raise KeyError(f"select_metric {self.select_metric!r} is not among the evaluation results "
+                           f"{sorted(k for k in record if k.startswith(('val_', 'test_')))}")
+        value = float(record[self.select_metric])
+        if self.best is None or value > self.best["value"]:
+            self.best = {"metric": self.select_metric, "value": value, "epoch": epoch}
+            if self.env.main:
+                ckpt_io.atomic_save({"model": self.model_without_ddp.state_dict(), "epoch": epoch,
+                                     "config": self.config, "best": self.best},
+                                    os.path.join(self.output_dir, "checkpoint_best.pth"))
+                ckpt_io.atomic_write_text(json.dumps(self.best), os.path.join(self.output_dir, "best.json"))
+                print(f"new best {self.select_metric} {value:.4f} at epoch {epoch}: saved checkpoint_best.pth")
+            barrier()
+        record["best_epoch"] = self.best["epoch"]
 
     # ------------------------------------------------------------------ bad images
     def _count_bad(self, batch):

@@ -22,6 +22,8 @@ class VisionTransformer(_TimmViT):
                          qkv_bias=qkv_bias, drop_path_rate=drop_path_rate,
                          norm_layer=partial(nn.LayerNorm, eps=1e-6))
         self.grad_checkpointing = grad_checkpointing
+        # ALBEF's init (timm starts cls_token at std 1e-6); matters only when training from scratch
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
         for blk in self.blocks:
             blk.attn.attention_map = None
             blk.attn.attn_gradients = None

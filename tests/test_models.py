@@ -114,6 +114,26 @@ def test_full_size_albef_4m_key_list_loads_strictly_on_meta():
     model.load_state_dict(sd, strict=True, assign=True)
 
 
+def test_full_size_retrieval_at_384_takes_the_pretraining_checkpoint_on_meta():
+    """ViT-B/16 at 384 px (577 tokens): the ALBEF_4M key list, with bert. stripped, loads by name."""
+    from models.checkpoint import strip_bert
+    from models.model_retrieval import ALBEF
+    cfg = dict(image_res=384, vision_width=768, embed_dim=256, temp=0.07, queue_size=65536, momentum=0.995,
+               alpha=0.4, bert_config="configs/config_bert.json")
+    with torch.device("meta"):
+        model = ALBEF(cfg)
+    want = albef_layout("retrieval", d=768, depth=12, n_tokens=577, h=768, L=12, f=6, inter=3072, vocab=30522,
+                        maxpos=512, ed=256, q=65536, patch=16)
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == want
+    pre = albef_layout("pretrain", d=768, depth=12, n_tokens=257, h=768, L=12, f=6, inter=3072, vocab=30522,
+                       maxpos=512, ed=256, q=65536, patch=16)
+    mapped = strip_bert(pre)
+    assert set(want) - set(mapped) == {"idx_queue"}                       # ALBEF: stays -100
+    assert {k for k in set(mapped) - set(want)} == {k for k in mapped if k.startswith(("text_encoder.cls.",
+                                                                                        "text_encoder_m.cls."))}
+    assert mapped["visual_encoder.pos_embed"] == (1, 257, 768) and want["visual_encoder.pos_embed"] == (1, 577, 768)
+
+
 def test_nlvr_shares_cross_attention_keys_and_values_per_layer_pair():
     m = MODELS["nlvr"](tiny_config())
     for enc in (m.text_encoder, m.text_encoder_m):

@@ -1,0 +1,69 @@
+"""Image-text retrieval: finetune and evaluate (ALBEF's Retrieval.py on the shared engine).
+
+    python Retrieval.py --config configs/Retrieval_flickr.yaml --checkpoint ALBEF.pth --output_dir out/flickr
+    python Retrieval.py --config configs/Retrieval_flickr.yaml --checkpoint mscoco.pth --evaluate
+
+The checkpoint is selected on the validation split (``checkpoint_best.pth``); the test split is
+evaluated once, with that checkpoint. Results go to ``output_dir/results.jsonl`` and ``results.md``.
+"""
+import os
+
+from dataset import TextCollate, create_dataset
+from engine.config import base_parser, parse_launcher
+from engine.retrieval_eval import Results, evaluate_split
+from engine.trainer import Trainer, autocast_context, build
+from models.checkpoint import load_checkpoint, strip_bert
+from models.model_retrieval import ALBEF
+
+
+def main():
+    parser = base_parser("ALBEF image-text retrieval", "./configs/Retrieval_flickr.yaml", "output/Retrieval")
+    parser.add_argument("--evaluate", action="store_true", help="evaluate --checkpoint on val and test, no training")
+    args, config = parse_launcher(parser)
+    # a pretraining checkpoint: text_encoder.bert.* -> text_encoder.*, pos_embed resized (no-op if finetuned)
+    env, tokenizer, model = build(args, config, ALBEF, remap=strip_bert)
+    val = create_dataset("re_val", config) if config.get("val_file") else None
+    test = create_dataset("re_test", config) if config.get("test_file") else None
+    results = Results(args.output_dir, env.main)
+
+    def evaluate(m, split, dataset, autocast, **info):
+        return results.add(split, evaluate_split(m, dataset, tokenizer, config, env.device, autocast), **info)
+
+    if args.evaluate:
+        autocast, _ = autocast_context(config.get("precision", "auto"), env.device)
+        model.to(env.device)
+        for split, dataset in (("val", val), ("test", test)):
+            if dataset is not None:
+                evaluate(model, split, dataset, autocast, checkpoint=args.checkpoint or "(random init)")
+        return
+
+    train = create_dataset("re_train", config, seed=args.seed)
+    # ALBEF: padding='longest', max_length=30 without truncation
+    collate = TextCollate(tokenizer, max_length=config.get("max_tokens", 30),
+                          truncation=config.get("max_tokens") is not None)
+
+    def step(m, batch, alpha):
+        text = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        return m(batch["image"], text, alpha=alpha, idx=batch["idx"])
+
+    config.setdefault("eval_every", 1)   # ALBEF evaluates after every epoch
+    trainer = Trainer(args, config, env, model, train, collate, step, batch_size_key="batch_size_train",
+                      select_metric="val_r_mean" if val is not None else None)
+    if val is not None:
+        trainer.evaluate_fn = lambda m, epoch: {f"val_{k}": v for k, v in
+                                                evaluate(m, "val", val, trainer.autocast, epoch=epoch).items()
+                                                if k not in ("split", "epoch")}
+    trainer.fit(resume=args.resume)
+    if test is None:
+        return
+    best = os.path.join(args.output_dir, "checkpoint_best.pth")
+    if val is not None and os.path.isfile(best):
+        load_checkpoint(model, best, strict=True, verbose=False)
+        info = {"epoch": trainer.best["epoch"], "checkpoint": "checkpoint_best.pth (selected on val r_mean)"}
+    else:
+        info = {"checkpoint": "last epoch (no val_file to select on)"}
+    evaluate(model, "test", test, trainer.autocast, **info)
+
+
+if __name__ == "__main__":
+    main()
