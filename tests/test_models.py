@@ -98,14 +98,19 @@ def test_state_dict_is_exactly_albefs_layout_and_loads_strictly(kind):
     model.load_state_dict(sd, strict=True)
 
 
-def test_full_size_albef_4m_key_list_loads_strictly_on_meta():
-    from models.model_pretrain import ALBEF
-    cfg = dict(image_res=256, vision_width=768, embed_dim=256, temp=0.07, queue_size=65536, momentum=0.995,
+def full_size(kind, image_res):
+    """(model on meta, ALBEF's key/shape list) for ViT-B/16 + BERT-base at ``image_res``."""
+    cfg = dict(image_res=image_res, vision_width=768, embed_dim=256, temp=0.07, queue_size=65536, momentum=0.995,
                alpha=0.4, bert_config="configs/config_bert.json")
     with torch.device("meta"):
-        model = ALBEF(cfg)
-    want = albef_layout("pretrain", d=768, depth=12, n_tokens=257, h=768, L=12, f=6, inter=3072, vocab=30522,
-                        maxpos=512, ed=256, q=65536, patch=16)
+        model = MODELS[kind](cfg)
+    want = albef_layout(kind, d=768, depth=12, n_tokens=(image_res // 16) ** 2 + 1, h=768, L=12, f=6, inter=3072,
+                        vocab=30522, maxpos=512, ed=256, q=65536, patch=16)
+    return model, want
+
+
+def test_full_size_albef_4m_key_list_loads_strictly_on_meta():
+    model, want = full_size("pretrain", 256)
     got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert got == want
     # per side: ViT 6 + 12 * 12, BERT 6 + 12 * 16 + 6 * 10 cross-attention, MLM head 7, projections 4
@@ -117,17 +122,9 @@ def test_full_size_albef_4m_key_list_loads_strictly_on_meta():
 def test_full_size_retrieval_at_384_takes_the_pretraining_checkpoint_on_meta():
     """ViT-B/16 at 384 px (577 tokens): the ALBEF_4M key list, with bert. stripped, loads by name."""
     from models.checkpoint import strip_bert
-    from models.model_retrieval import ALBEF
-    cfg = dict(image_res=384, vision_width=768, embed_dim=256, temp=0.07, queue_size=65536, momentum=0.995,
-               alpha=0.4, bert_config="configs/config_bert.json")
-    with torch.device("meta"):
-        model = ALBEF(cfg)
-    want = albef_layout("retrieval", d=768, depth=12, n_tokens=577, h=768, L=12, f=6, inter=3072, vocab=30522,
-                        maxpos=512, ed=256, q=65536, patch=16)
+    model, want = full_size("retrieval", 384)
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == want
-    pre = albef_layout("pretrain", d=768, depth=12, n_tokens=257, h=768, L=12, f=6, inter=3072, vocab=30522,
-                       maxpos=512, ed=256, q=65536, patch=16)
-    mapped = strip_bert(pre)
+    mapped = strip_bert(full_size("pretrain", 256)[1])
     assert set(want) - set(mapped) == {"idx_queue"}                       # ALBEF: stays -100
     assert {k for k in set(mapped) - set(want)} == {k for k in mapped if k.startswith(("text_encoder.cls.",
                                                                                         "text_encoder_m.cls."))}
