@@ -55,7 +55,6 @@ def test_itm_eval_against_hand_ranks_with_any_of_five_captions():
     i2t[2] = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]       # own captions at ranks 4 and 5 -> 4
     t2i = np.full((6, 3), FILL)
     t2i[:, :] = [[1, 0, 0.5], [0, 1, 0.5], [0, 0, 1], [0, 1, 0.5], [1, 0.5, 0], [0.1, 0.2, 0.3]]
-    # text ranks: 0 -> 0; 1 -> image 0 at position 2; 2 -> image 1 (0 vs 0: argsort picks) ...
     m = itm_eval(i2t, t2i, txt2img, img2txt)
     assert m["txt_r1"] == pytest.approx(100 / 3)           # only image 0 at rank 0
     assert m["txt_r5"] == pytest.approx(100.0)             # ranks 0, 2, 4 are all < 5
