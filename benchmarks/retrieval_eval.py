@@ -2,6 +2,7 @@
 
     python benchmarks/retrieval_eval.py                     # 1,000 demo images, 5,000 captions, k_test 256
     python benchmarks/retrieval_eval.py --checkpoint output/demo/checkpoint_best.pth --config configs/demo/Retrieval.yaml
+    python benchmarks/retrieval_eval.py --shape albef --ref_queries 20   # ALBEF's token and layer counts
 
 Generates a demo-world test split of ``--images`` images (5 captions each) in a temporary folder, encodes
 it once, then times only the ITM re-scoring (the part that differs): ``score_matrices`` against
@@ -26,6 +27,7 @@ from engine.config import load_config   # noqa: E402
 from engine.retrieval_eval import encode_images, encode_texts, itm_eval, reference_scores, score_matrices   # noqa: E402
 from models.checkpoint import load_checkpoint, strip_bert   # noqa: E402
 from models.model_retrieval import ALBEF   # noqa: E402
+from models.xbert import BertConfig   # noqa: E402
 from models.tokenization import ALBEFTokenizer   # noqa: E402
 
 
@@ -39,6 +41,9 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--ref_queries", type=int, default=0, help="time the reference on a sample (see above)")
+    ap.add_argument("--shape", default="demo", choices=["demo", "albef"],
+                    help="albef: the demo widths with ALBEF's retrieval geometry (384 px / 16 px patches = "
+                         "577 image tokens, 12 BERT layers of which 6 fuse)")
     a = ap.parse_args()
     dev = torch.device(a.device)
     torch.manual_seed(0)
@@ -47,6 +52,10 @@ def main():
         cfg = load_config(a.config)
         cfg.update(test_file=os.path.join(world, "retrieval_test.json"), image_root=world,
                    tokenizer=os.path.join(world, "vocab"))
+        if a.shape == "albef":
+            bert = BertConfig.from_config(cfg["bert_config"]).to_dict()
+            bert.update(num_hidden_layers=12, fusion_layer=6)
+            cfg.update(image_res=384, patch_size=16, bert_config=bert)
         tok = ALBEFTokenizer(cfg["tokenizer"])
         model = ALBEF(cfg, tok)
         if a.checkpoint:

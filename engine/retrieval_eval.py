@@ -8,10 +8,11 @@ result is never used:
 * a pair in both an image's and a text's top-k is scored once;
 * the cross-attention keys and values of an image are projected once (images in blocks of up to
   ``kv_budget`` bytes of keys and values) instead of once per pair;
-* pairs go through the fusion layers in large batches sorted by caption length, each cut to its longest
-  caption (padding is masked out, so it changes nothing);
-* the first fusion layer's self-attention sees only the text, so it runs once per caption;
-* the last fusion layer computes only the [CLS] row, the only one the ITM head reads.
+* pairs are batched by image, so cross-attention is one large product against that image's keys, and
+  captions are packed without padding (padding is masked out in ALBEF, so it changes nothing);
+* the first fusion layer's self-attention and cross-attention query see only the text: once per caption;
+* the last fusion layer computes only the [CLS] row, the only one the ITM head reads, and folds its key
+  and value projections into the [CLS] query instead of projecting every token.
 
 Scores are the ITM match logit inside a row's top-k and -100 elsewhere. Unique pairs are split across
 ranks and the scores summed, so every rank ends with the full matrices.
@@ -68,7 +69,10 @@ def _merge(x):
 
 
 class PairScorer:
-    """ITM match logits ``itm_head(fuse(text, image))[:, 1]`` for lists of (image, text) pairs."""
+    """ITM match logits ``itm_head(fuse(text, image))[:, 1]`` for groups of pairs that share one image.
+
+    Text tokens are packed (no padding) except inside the self-attention of the later fusion layers.
+    """
 
     def __init__(self, model, image_states, text_states, text_atts, chunk=256):
         self.bert = model.text_bert
@@ -79,26 +83,21 @@ class PairScorer:
         self.heads = cfg.num_attention_heads
         self.itm_head = model.itm_head
         self.images = image_states
-        self.lengths = text_atts.sum(1)
-        # additive self-attention mask, as BertModel builds it
-        self.mask = ((1.0 - text_atts.float()) * SELF_ATTN_MASK_VALUE)[:, None, None, :]
+        lengths = self.lengths_np = text_atts.sum(1).cpu().numpy()
+        self.text_start = np.cumsum(lengths) - lengths   # packed row of each caption's [CLS]
+        keep = text_atts.bool().reshape(-1)
+        mask = ((1.0 - text_atts.float()) * SELF_ATTN_MASK_VALUE)[:, None, None, :]
         first = self.layers[0].attention
-        x0 = [first(text_states[s:s + chunk], self.mask[s:s + chunk].to(text_states.dtype))[0]
-              for s in range(0, len(text_states), chunk)]
-        self.x0 = torch.cat(x0)   # after the first fusion layer's self-attention: text only
+        x0 = torch.cat([first(text_states[s:s + chunk], mask[s:s + chunk].to(text_states.dtype))[0]
+                        for s in range(0, len(text_states), chunk)])
+        # the first fusion layer's self-attention and cross-attention query see only the text: once per caption
+        self.x0 = x0.reshape(-1, x0.shape[-1])[keep]
+        self.q0 = self.layers[0].crossattention.self.query(self.x0)
 
-    def _self_attention(self, att, x, mask, cls_only):
-        q_in = x[:, :1] if cls_only else x
-        q = _heads(att.self.query(q_in), self.heads)
-        k = _heads(att.self.key(x), self.heads)
-        v = _heads(att.self.value(x), self.heads)
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
-        return att.output(_merge(ctx), q_in)
-
-    def _cross_attention(self, att, x, k, v):
-        q = _heads(att.self.query(x), self.heads)
-        ctx = F.scaled_dot_product_attention(q, k, v)   # image tokens are never masked
-        return att.output(_merge(ctx), x)
+    def _split(self, x):
+        """[N, D] -> [1, heads, N, dh] for attention against one image."""
+        n, d = x.shape
+        return x.view(1, n, self.heads, d // self.heads).transpose(1, 2)
 
     @torch.no_grad()
     def image_kv(self, image_ids):
@@ -107,25 +106,72 @@ class PairScorer:
         return [(_heads(layer.crossattention.self.key(images), self.heads),
                  _heads(layer.crossattention.self.value(images), self.heads)) for layer in self.layers]
 
+    def pack(self, txt, device):
+        """Host-side index tensors of a group of captions (numpy ids): rows in the packed text states, the
+        packed row of each [CLS], and each token's slot in a [P, longest] padded layout."""
+        lengths = self.lengths_np[txt]
+        starts = np.cumsum(lengths) - lengths
+        pos = np.arange(lengths.sum()) - np.repeat(starts, lengths)
+        src = np.repeat(self.text_start[txt], lengths) + pos
+        n = int(lengths.max())
+        slot = np.repeat(np.arange(len(txt)) * n, lengths) + pos
+        as_t = lambda a: torch.from_numpy(a).to(device)   # noqa: E731
+        return as_t(src), as_t(starts), as_t(slot), as_t(lengths), n
+
+    def _pad(self, t, slot, p, n):
+        buf = t.new_zeros(p * n, t.shape[1])
+        buf[slot] = t
+        return buf.view(p, n, -1)
+
+    def _mask(self, lengths, n, dtype):
+        pad = torch.arange(n, device=lengths.device)[None] >= lengths[:, None]
+        return pad.to(dtype) * SELF_ATTN_MASK_VALUE   # [P, n], additive as in BertModel
+
+    def _self_attention(self, att, x, slot, lengths, n):
+        """Self-attention of each caption over its own tokens (padded to ``n`` only here)."""
+        p, d, h = len(lengths), x.shape[1], self.heads
+        split = lambda t: self._pad(t, slot, p, n).view(p, n, h, d // h).transpose(1, 2)   # noqa: E731
+        q, k, v = split(att.self.query(x)), split(att.self.key(x)), split(att.self.value(x))
+        mask = self._mask(lengths, n, q.dtype)[:, None, None, :]
+        ctx = _merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)).reshape(-1, d)
+        return att.output(ctx[slot], x)
+
+    def _cls_self_attention(self, att, x, cls, slot, lengths, n):
+        """The last layer's self-attention for the [CLS] query only. Its keys and values are never
+        projected per token: q.(W_k x + b_k) = (W_k^T q).x + const (the constant cancels in the softmax),
+        and sum_j p_j (W_v x_j + b_v) = W_v (sum_j p_j x_j) + b_v. Two projections per pair instead of two
+        per token; the same result up to float rounding."""
+        p, d, h = len(lengths), x.shape[1], self.heads
+        dh = d // h
+        q = att.self.query(x[cls]).view(p, h, dh)
+        wk = att.self.key.weight.view(h, dh, d)
+        wv = att.self.value.weight.view(h, dh, d)
+        qk = torch.einsum("phe,hed->phd", q, wk) / math.sqrt(dh)            # [P, h, D]
+        xp = self._pad(x, slot, p, n)                                        # [P, n, D]
+        scores = qk @ xp.transpose(1, 2) + self._mask(lengths, n, qk.dtype)[:, None, :]
+        z = scores.softmax(-1) @ xp                                          # [P, h, D]
+        ctx = torch.einsum("phd,hed->phe", z, wv).reshape(p, d) + att.self.value.bias
+        return att.output(ctx, x[cls])
+
     @torch.no_grad()
-    def __call__(self, img_idx, txt_idx, kv=None):
-        """Scores of pairs (``img_idx`` indexes the images of ``kv`` when given, else all images)."""
-        if kv is None:
-            uniq, img_idx = torch.unique(img_idx, return_inverse=True)
-            kv = self.image_kv(uniq)
-        n = int(self.lengths[txt_idx].max())
-        x = self.x0[txt_idx, :n]
-        mask = self.mask[txt_idx][..., :n]
+    def __call__(self, kv, src, cls, slot, lengths, n):
+        """Scores of the pairs (one image whose per-layer (K, V) is ``kv``, captions packed by ``pack``)."""
+        x, q = self.x0[src], self.q0[src]
         last = len(self.layers) - 1
         for li, layer in enumerate(self.layers):
-            if li > 0:
-                x = self._self_attention(layer.attention, x, mask, cls_only=li == last)
+            if li == last and li > 0:
+                x = self._cls_self_attention(layer.attention, x, cls, slot, lengths, n)
+                q = layer.crossattention.self.query(x)
+            elif li > 0:
+                x = self._self_attention(layer.attention, x, slot, lengths, n)
+                q = layer.crossattention.self.query(x)
             elif li == last:
-                x = x[:, :1]
+                x, q = x[cls], q[cls]
             k, v = kv[li]
-            x = self._cross_attention(layer.crossattention, x, k[img_idx], v[img_idx])
+            ctx = F.scaled_dot_product_attention(self._split(q), k[None], v[None])   # image tokens: no mask
+            x = layer.crossattention.output(_merge(ctx)[0], x)
             x = layer.output(layer.intermediate(x), x)
-        return self.itm_head(x[:, 0])[:, 1].float()
+        return self.itm_head(x)[:, 1].float()
 
 
 def topk_pairs(sims, k):
@@ -150,26 +196,31 @@ def score_matrices(model, sims, image_states, text_states, text_atts, k, pair_ba
     ni, nt = sims.shape
     i2t_ids, t2i_ids = topk_pairs(sims, k)
     pairs = torch.unique(torch.cat([i2t_ids.reshape(-1), t2i_ids.reshape(-1)]))   # sorted: grouped by image
-    img, txt = pairs // nt, pairs % nt
-    scorer = PairScorer(model, image_states, text_states, text_atts)
-    # Images in blocks whose cross-attention keys/values are projected once; inside a block, pairs sorted
-    # by caption length so every batch is cut to nearly its own length.
-    block = max(1, int(kv_budget // max(1, _kv_bytes(scorer, image_states))))
-    length = text_atts.sum(1)[txt]
-    key = ((img // block) * (text_atts.shape[1] + 1) + length) * ni + img
-    order = torch.sort(key).indices
     rank, world = get_rank(), get_world_size()
     step = math.ceil(len(pairs) / world)
-    mine = order[rank * step:(rank + 1) * step]
+    scorer = PairScorer(model, image_states, text_states, text_atts)
+    # One copy of this rank's share to the host: the batching below is planned there, with no further syncs.
+    mine = pairs[rank * step:(rank + 1) * step].cpu().numpy()
+    img, txt = mine // nt, mine % nt
+    bounds = np.flatnonzero(np.diff(img)) + 1
+    groups = np.split(np.arange(len(mine)), bounds) if len(mine) else []
+    # Images in blocks whose cross-attention keys/values are projected once.
+    block = max(1, int(kv_budget // max(1, _kv_bytes(scorer, image_states))))
+    out, kv, kv_first = [], None, -1
+    for g in groups:
+        i = int(img[g[0]])
+        if kv is None or not kv_first <= i < kv_first + block:
+            kv_first = i
+            kv = scorer.image_kv(torch.arange(i, min(ni, i + block), device=sims.device))
+        kv_i = [(k_[i - kv_first], v_[i - kv_first]) for k_, v_ in kv]
+        g = g[np.argsort(scorer.lengths_np[txt[g]], kind="stable")]   # similar lengths share a batch
+        for s in range(0, len(g), pair_batch):
+            sel = g[s:s + pair_batch]
+            out.append((sel, scorer(kv_i, *scorer.pack(txt[sel], sims.device))))
     scores = torch.zeros(len(pairs), device=sims.device)
-    blocks = img[mine] // block
-    for b in torch.unique_consecutive(blocks).tolist():
-        sel_b = mine[blocks == b]
-        first = b * block
-        kv = scorer.image_kv(torch.arange(first, min(ni, first + block), device=sims.device))
-        for s in range(0, len(sel_b), pair_batch):
-            sel = sel_b[s:s + pair_batch]
-            scores[sel] = scorer(img[sel] - first, txt[sel], kv)
+    if out:
+        sel = torch.from_numpy(np.concatenate([o[0] for o in out]) + rank * step).to(sims.device)
+        scores[sel] = torch.cat([o[1] for o in out])
     scores = all_reduce_sum(scores)
     flat = torch.full((ni * nt,), FILL, device=sims.device)
     flat[pairs] = scores
