@@ -48,7 +48,7 @@ def measure(cfg, batch, device, attn, precision, steps, warmup):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with ctx():
-            loss = sum(model(image, text, alpha=0.4).values())
+            loss = sum(v for k, v in model(image, text, alpha=0.4).items() if k.startswith("loss"))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

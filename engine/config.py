@@ -14,6 +14,7 @@ MODEL_KEYS = {
     "embed_dim", "temp", "queue_size", "momentum", "alpha", "distill", "mlm_probability", "k_test",
     "text_encoder", "text_decoder", "tokenizer", "vision_init", "attn_implementation", "grad_checkpointing",
     "mlm_distill_seq_axis_bug", "decoder_distill", "rank_answer_double_count",
+    "use_momentum", "itc_consistency_weight", "itm_negative_selection",
 }
 DATA_KEYS = {
     "train_file", "val_file", "test_file", "image_root", "vqa_root", "vg_root", "answer_list", "eos",
@@ -23,12 +24,13 @@ DATA_KEYS = {
 TRAIN_KEYS = {
     "batch_size", "batch_size_train", "batch_size_test", "warm_up", "eval_ema", "precision", "compile",
     "grad_accum_steps", "clip_grad", "loss_weights", "print_freq", "ckpt_every_steps", "ckpt_keep_last",
-    "eval_every", "eval_pair_batch", "tensorboard", "max_steps",
+    "eval_every", "eval_pair_batch", "tensorboard", "max_steps", "train_epochs",
 }
 NESTED = {
     "optimizer": {"opt", "lr", "weight_decay", "betas", "decay_0d", "fused", "momentum"},
     "schedular": {"sched", "lr", "epochs", "min_lr", "decay_rate", "warmup_lr", "warmup_epochs",
                   "cooldown_epochs", "warmup_block"},
+    "grit": {"queue_size", "search_space"},
 }
 KNOWN_KEYS = MODEL_KEYS | DATA_KEYS | TRAIN_KEYS | set(NESTED)
 FREE_FORM = {"loss_weights"}   # dicts whose keys are names chosen by the user

@@ -56,6 +56,13 @@ class ALBEFBase(MomentumMixin, nn.Module):
         self.text_proj = nn.Linear(tw, ed)
         self.temp = nn.Parameter(torch.ones([]) * config["temp"])
         self.itm_head = nn.Linear(tw, 2)
+        # GRIT-VLP / MAFA switches; the defaults are ALBEF's
+        self.use_momentum = config.get("use_momentum", True)
+        self.itc_consistency = float(config.get("itc_consistency_weight", 0.0))
+        sel = config.get("itm_negative_selection", "multinomial")
+        if sel not in ("multinomial", "argmax"):
+            raise ValueError(f"config key 'itm_negative_selection' must be 'multinomial' or 'argmax', not {sel!r}")
+        self.itm_hard = "sample" if sel == "multinomial" else "argmax"
 
     @property
     def text_bert(self):
@@ -108,7 +115,26 @@ class ALBEFBase(MomentumMixin, nn.Module):
         loss = (objectives.soft_target_ce(sim_i2t, t_i2t) + objectives.soft_target_ce(sim_t2i, t_t2i)) / 2
         return loss, sim_i2t, sim_t2i
 
-    def itm(self, text_embeds, text_atts, image_embeds, sim_i2t, sim_t2i, positives, hard="sample"):
+    def itc_in_batch(self, image_feat, text_feat, positives):
+        """ITC over the batch only (GRIT-VLP): no momentum encoders, no queue, nothing gathered across ranks.
+
+        The keys are the other modality's features, detached as in GRIT (each direction trains one tower,
+        as with ALBEF's momentum keys). With ``itc_consistency_weight`` > 0 each direction is also pulled
+        toward the other's detached distribution.
+        """
+        temp = self.temp.float()
+        sim_i2t = image_feat @ text_feat.detach().t() / temp
+        sim_t2i = text_feat @ image_feat.detach().t() / temp
+        targets = objectives.itc_targets(None, positives.float(), 0)
+        loss = (objectives.soft_target_ce(sim_i2t, targets) + objectives.soft_target_ce(sim_t2i, targets.t())) / 2
+        if self.itc_consistency > 0:
+            with torch.no_grad():
+                p_i2t, p_t2i = sim_i2t.float().softmax(1), sim_t2i.float().softmax(1)
+            consistency = (objectives.soft_target_ce(sim_i2t, p_t2i) + objectives.soft_target_ce(sim_t2i, p_i2t)) / 2
+            loss = loss + self.itc_consistency * consistency
+        return loss, sim_i2t, sim_t2i
+
+    def itm(self, text_embeds, text_atts, image_embeds, sim_i2t, sim_t2i, positives, hard=None):
         """ITM on bs positives + bs (text, hard image) + bs (hard text, image) pairs.
 
         ``positives`` [bs, bs] bool marks pairs that must not be drawn as negatives. Returns (loss, extras).
@@ -116,6 +142,7 @@ class ALBEFBase(MomentumMixin, nn.Module):
         bs = text_embeds.shape[0]
         image_atts = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
         with torch.no_grad():
+            hard = hard or self.itm_hard
             pick = objectives.sample_hard_negatives if hard == "sample" else objectives.topk_hard_negatives
             neg_img, valid_t2i = pick(sim_t2i[:, :bs], positives)
             neg_txt, valid_i2t = pick(sim_i2t[:, :bs], positives)
