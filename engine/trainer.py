@@ -1,7 +1,8 @@
 """The one training engine every launcher uses.
 
 A launcher gives: the model, the training dataset and its collate function, a ``step_fn(model, batch,
-alpha)`` returning a dict of named losses, and optionally ``evaluate_fn(model, epoch)`` returning metrics.
+alpha)`` returning a dict of named losses (``loss_*``; a ``feats`` entry, the detached (image, text) ITC
+features, feeds GRIT grouping when the config has a ``grit`` group), and optionally ``evaluate_fn(model, epoch)`` returning metrics.
 The engine owns distribution, precision, the loop, accumulation, clipping, the schedule, logging,
 bad-image accounting and checkpoints (atomic, every epoch and every N steps, resumable mid-epoch).
 """
@@ -16,6 +17,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
+from dataset.grit import Grit, GroupedSampler, hardness
 from dataset.sampler import ResumableDistributedSampler
 from engine import checkpointing as ckpt_io
 from engine.config import dump_config
@@ -138,7 +140,8 @@ class Trainer:
                 "lr_scheduler": self.scheduler.state_dict(), "scaler": None, "config": self.config,
                 "epoch": epoch, "iter": next_iter, "step": global_step, "rng": rng,
                 "sampler": {"seed": self.sampler.seed, "epoch": epoch, "start_batch": next_iter},
-                "bad_images": dict(self.bad), "world_size": self.env.world, "best": self.best}
+                "bad_images": dict(self.bad), "world_size": self.env.world, "best": self.best,
+                "grit": self.grit.state_dict() if self.grit else None}
 
     def save(self, epoch, next_iter, global_step, name):
         state = self._state(epoch, next_iter, global_step)   # collective (RNG gather): every rank calls it
@@ -159,6 +162,10 @@ class Trainer:
         if len(rngs) == self.env.world:
             ckpt_io.set_rng_state(rngs[self.env.rank])
         self.bad.update(ck.get("bad_images", {}))
+        if self.grit and ck.get("grit"):
+            self.grit.load_state_dict(ck["grit"])
+        elif self.grit:
+            print(f"note: {path} has no GRIT state; the next epoch starts in random order")
         self.best = ck.get("best")
         best_file = os.path.join(self.output_dir, "best.json")   # written after the epoch checkpoint: newer
         if os.path.isfile(best_file):
@@ -175,8 +182,13 @@ class Trainer:
         self.optimizer = create_optimizer(cfg["optimizer"], self.model)
         self.scheduler = create_scheduler(cfg["schedular"], self.optimizer)
         self.model_without_ddp = self.model
-        self.sampler = ResumableDistributedSampler(len(self.dataset), self.batch_size, env.world, env.rank,
-                                                   shuffle=True, seed=self.args.seed)
+        sampler_cls = GroupedSampler if cfg.get("grit") else ResumableDistributedSampler
+        self.sampler = sampler_cls(len(self.dataset), self.batch_size, env.world, env.rank, shuffle=True,
+                                   seed=self.args.seed)
+        self.grit = None
+        if cfg.get("grit"):
+            self.grit = Grit(cfg["grit"], self.sampler, int(cfg["embed_dim"]), self.batch_size, self.args.seed,
+                             env.rank, env.world, env.device, len(self.dataset))
         self.bad = {"count": 0, "seen": 0, "examples": []}
         self.best = None
         n_iters = self.sampler.num_batches
@@ -197,7 +209,7 @@ class Trainer:
         if cfg.get("compile"):
             model = torch.compile(model)
         self.run_log = RunLog(self.output_dir, env.main, cfg.get("tensorboard", True))
-        epochs = int(cfg["schedular"]["epochs"])
+        epochs = int(cfg.get("train_epochs") or cfg["schedular"]["epochs"])   # GRIT: fewer than the schedule
         samples_per_step = self.batch_size * env.world
         stop = False
         for epoch in range(start_epoch, epochs):
@@ -207,6 +219,8 @@ class Trainer:
             self.sampler.set_epoch(epoch, first)
             if hasattr(self.dataset, "set_epoch"):
                 self.dataset.set_epoch(epoch)
+            if self.grit:
+                self.grit.start_epoch(epoch, resumed_mid_epoch=epoch == start_epoch and first > 0)
             loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
                                 num_workers=int(cfg.get("num_workers", 4)), collate_fn=self.collate_fn,
                                 pin_memory=env.device.type == "cuda", drop_last=True,
@@ -217,7 +231,8 @@ class Trainer:
                 alpha = self.alpha * min(1.0, i / n_iters) if (epoch == 0 and self.warm_up) else self.alpha
                 batch = {k: (v.to(env.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
                 with self.autocast():
-                    losses = self.step_fn(model, batch, alpha)
+                    out = self.step_fn(model, batch, alpha)
+                losses = {k: v for k, v in out.items() if k.startswith("loss")}
                 loss = sum(self.loss_weights.get(k, 1.0) * v for k, v in losses.items())
                 (loss / self.accum).backward()
                 boundary = (i + 1) % self.accum == 0 or i == n_iters - 1
@@ -227,9 +242,12 @@ class Trainer:
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     global_step += 1
+                if self.grit:   # features from before this step's update, as in GRIT
+                    self.grit.push(out["feats"], batch["idx"])
                 self._count_bad(batch)
                 if i % self.print_freq == 0 or i == n_iters - 1:
-                    metrics.update(**{k: v.item() for k, v in losses.items()}, lr=self.scheduler.lr())
+                    extra = {"hard_neg_sim": hardness(*out["feats"], len(batch["idx"]))} if "feats" in out else {}
+                    metrics.update(**{k: v.item() for k, v in losses.items()}, lr=self.scheduler.lr(), **extra)
                     self._check_bad(final=False)
                 progress.step(i, metrics)
                 if self.max_steps and global_step >= int(self.max_steps):
@@ -240,6 +258,8 @@ class Trainer:
                     break
             stats = {f"train_{k}": v for k, v in metrics.synchronize().items()}
             bad = self._check_bad(final=True)
+            if self.grit and not stop:
+                stats.update(self.grit.end_epoch(epoch))   # collective; sets the next epoch's order
             record = {**stats, "epoch": epoch, "step": global_step, "bad_images": bad,
                       "epoch_seconds": round(progress.elapsed(), 1),
                       "samples_per_second": round(progress.done * samples_per_step / max(progress.elapsed(), 1e-9), 2)}

@@ -8,6 +8,10 @@ def test_albef_configs_validate_and_keep_original_values():
     assert cfg["queue_size"] == 65536 and cfg["schedular"]["warmup_epochs"] == 20
     assert cfg["optimizer"] == {"opt": "adamW", "lr": 1e-4, "weight_decay": 0.02}
     validate(load_config("configs/demo/Pretrain.yaml"))
+    grit = validate(load_config("configs/Pretrain_grit.yaml"))   # GRIT-VLP's values
+    assert grit["grit"] == {"queue_size": 48000, "search_space": 1920} and grit["mlm_probability"] == 0.5
+    assert grit["batch_size"] == 128 and grit["train_epochs"] == 20 and grit["schedular"]["epochs"] == 30
+    assert grit["itc_consistency_weight"] == 0.2 and grit["use_momentum"] is False
 
 
 def test_unknown_key_suggests_the_closest():

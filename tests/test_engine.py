@@ -48,8 +48,14 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def test_sigkill_and_resume_ends_with_identical_weights(tiny_world, tmp_path):
-    config = write_config(tiny_world, str(tmp_path / "c.yaml"))
+GRIT = dict(use_momentum=False, distill=False, itc_consistency_weight=0.2, itm_negative_selection="argmax",
+            mlm_probability=0.5, grit={"queue_size": 48, "search_space": 16})
+
+
+@pytest.mark.parametrize("recipe", ["albef", "grit"])
+def test_sigkill_and_resume_ends_with_identical_weights(tiny_world, tmp_path, recipe):
+    # grit: killed while epoch 1 runs in grouped order with a half-full collection queue
+    config = write_config(tiny_world, str(tmp_path / "c.yaml"), **(GRIT if recipe == "grit" else {}))
     ref_out, out = str(tmp_path / "ref"), str(tmp_path / "killed")
     run(pretrain_cmd(config, ref_out))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -68,6 +74,8 @@ def test_sigkill_and_resume_ends_with_identical_weights(tiny_world, tmp_path):
     assert a["step"] == b["step"] == 24
     diff = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
     assert diff == []
+    if recipe == "grit":   # the order GRIT hands to epoch 2 is the same too
+        assert torch.equal(a["grit"]["orders"][2], b["grit"]["orders"][2])
     assert len([f for f in os.listdir(out) if f.startswith("checkpoint_step")]) <= 2   # last K kept
     log = [json.loads(line) for line in open(os.path.join(out, "log.txt"))]
     assert log[-1]["epoch"] == 1 and "train_loss_ita" in log[-1]
@@ -85,6 +93,24 @@ def test_two_process_gloo_run_gathers_the_queue_across_ranks(tiny_world, tmp_pat
     assert ck["model"]["queue_ptr"].item() == (4 * 16) % 48
     assert ck["world_size"] == 2 and len(ck["rng"]) == 2
     assert not torch.equal(ck["rng"][0]["torch"], ck["rng"][1]["torch"])   # ranks draw different masks
+
+
+def test_two_process_gloo_run_trains_with_grit_grouping(tiny_world, tmp_path):
+    config = write_config(tiny_world, str(tmp_path / "c.yaml"), **GRIT)
+    out = str(tmp_path / "grit")
+    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29733",
+           os.path.join(ROOT, "Pretrain.py"), "--config", config, "--output_dir", out, "--device", "cpu",
+           "--opts", "ckpt_every_steps=0", "grit.queue_size=16"]
+    run(cmd)
+    first, last = load(os.path.join(out, "checkpoint_00.pth")), load(os.path.join(out, "checkpoint_01.pth"))
+    data = json.load(open(os.path.join(tiny_world, "pretrain.json")))
+    for ck, epoch in ((first, 1), (last, 2)):
+        order = ck["grit"]["orders"][epoch]
+        assert len(order) == 2 * 6 * 8 and len(set(order.tolist())) == len(order)   # 2 ranks x 6 steps x 8
+        assert 0 <= int(order.min()) and int(order.max()) < len(data)
+        assert len(ck["grit"]["collectors"]) == 2
+    log = [json.loads(line) for line in open(os.path.join(out, "log.txt"))]
+    assert [r["epoch"] for r in log] == [0, 1] and "grit_hardness_grouped" in log[-1]
 
 
 SAVER = """

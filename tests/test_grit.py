@@ -1,0 +1,122 @@
+"""GRIT-VLP grouping: the walk, the collector, the next epoch's order and the grouped sampler."""
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dataset.grit import (GritCollector, GroupedSampler, greedy_walk, hardness, next_epoch_order,
+                          reference_walk)
+
+
+def test_walk_follows_hand_made_nearest_neighbours():
+    # image features = identity, so sim[image i, text j] = s[i, j]
+    g = torch.Generator().manual_seed(0)
+    s = torch.rand(6, 6, generator=g) * 0.5
+    s[0, 3] = s[5, 3] = s[5, 1] = s[4, 1] = s[4, 2] = 0.9
+    # image 0 -> text 3 -> image 5 (best for text 3 among unvisited) -> text 1 -> image 4 -> last left: 2
+    assert greedy_walk(torch.eye(6), s.t(), start=0).tolist() == [0, 3, 5, 1, 4, 2]
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 65, 128])
+def test_walk_is_a_permutation_and_equals_the_original_procedure(m):
+    g = torch.Generator().manual_seed(m)
+    img = F.normalize(torch.randn(m, 16, generator=g), dim=1)
+    txt = F.normalize(img + 0.5 * torch.randn(m, 16, generator=g), dim=1)
+    for start in {0, m // 2, m - 1}:
+        walk = greedy_walk(img, txt, start)
+        assert sorted(walk.tolist()) == list(range(m))
+        assert walk.tolist() == reference_walk(img, txt, start).tolist()
+
+
+def test_walk_stays_a_permutation_where_the_originals_probabilities_underflow():
+    # one tight cluster and far outliers at a tiny temperature: GRIT's zeroed softmax rows underflow
+    img = torch.cat([torch.ones(6, 4), -torch.ones(2, 4)]) + 1e-3 * torch.arange(32.0).view(8, 4)
+    img = F.normalize(img, dim=1)
+    walk = greedy_walk(img, img.clone(), start=0)
+    assert sorted(walk.tolist()) == list(range(8))
+
+
+def test_collector_groups_every_full_queue_and_the_leftover():
+    torch.manual_seed(0)
+    col = GritCollector(queue_size=48, search_space=16, dim=16, batch_size=8, seed=3, device="cpu")
+    col.start_epoch(0)
+    pushed = []
+    for step in range(13):   # queue full after 6 and 12 steps; 1 step (8 pairs) left at the end
+        idx = torch.arange(step * 8, step * 8 + 8) * 7   # arbitrary dataset ids
+        col.push(F.normalize(torch.randn(8, 16), dim=1), F.normalize(torch.randn(8, 16), dim=1), idx)
+        pushed += idx.tolist()
+    assert col.flushes == 2 and col.ptr == 8
+    order, stats = col.finish()
+    assert order.dtype == np.int64 and sorted(order.tolist()) == sorted(pushed)
+    assert [len(g) for g in col.groups] == [16] * 6 + [8]
+    assert stats["grouped"] > stats["random"]   # the walk makes batches harder than random ones
+
+
+def test_collector_state_survives_a_weights_only_checkpoint_and_gives_the_same_order():
+    def run(interrupt):
+        torch.manual_seed(0)
+        col = GritCollector(queue_size=32, search_space=16, dim=8, batch_size=8, seed=5, device="cpu")
+        col.start_epoch(2)
+        for step in range(7):
+            if step == 5 and interrupt:
+                buf = io.BytesIO()
+                torch.save(col.state_dict(), buf)
+                col = GritCollector(queue_size=32, search_space=16, dim=8, batch_size=8, seed=5, device="cpu")
+                col.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+            col.push(torch.randn(8, 8), torch.randn(8, 8), torch.arange(step * 8, step * 8 + 8))
+        return col.finish()[0]
+
+    assert run(False).tolist() == run(True).tolist()
+
+
+def test_collector_rejects_sizes_that_do_not_divide():
+    with pytest.raises(ValueError, match="search_space"):
+        GritCollector(queue_size=50, search_space=16, dim=8, batch_size=8, seed=0, device="cpu")
+
+
+def test_next_epoch_order_keeps_groups_whole_and_is_a_permutation_across_ranks():
+    b, s, world, n = 4, 3, 2, 27   # 24 indices per epoch, 3 dropped by drop_last
+    epoch_order = np.random.default_rng(0).permutation(n)[:24]
+    rank_orders = [epoch_order[:12][::-1].copy(), epoch_order[12:].copy()]
+    rank_orders[1] = rank_orders[1][:-1]   # one unreadable image on rank 1: never grouped
+    order = next_epoch_order(rank_orders, epoch_order, b, s, world, seed=0, epoch=0, dataset_len=n)
+    assert len(order) == world * s * b and len(set(order.tolist())) == len(order)
+    assert set(order.tolist()) <= set(range(n))
+    full_groups = [tuple(o[i:i + b]) for o in rank_orders for i in range(0, len(o) - b + 1, b)]
+    batches = [tuple(order[i:i + b]) for i in range(0, len(order), b)]
+    kept = [grp for grp in full_groups if grp in batches]
+    assert len(kept) >= len(full_groups) - 1   # whole mini-batches move; at most one falls off the end
+    # mini-batches are redistributed across ranks: rank 0's next slice is not just its own groups
+    again = [next_epoch_order(rank_orders, epoch_order, b, s, world, seed=0, epoch=e, dataset_len=n)
+             for e in range(1, 6)]
+    assert any(set(o[:12].tolist()) != set(rank_orders[0].tolist()) for o in again)
+
+
+def test_grouped_sampler_slices_concatenate_to_the_global_order():
+    order = np.random.default_rng(1).permutation(40)[:32]
+    slices = []
+    for rank in range(2):
+        smp = GroupedSampler(36, 4, num_replicas=2, rank=rank, seed=0)   # 4 batches per rank
+        smp.set_order(1, order)
+        smp.set_epoch(1)
+        slices.append(list(smp))
+        smp.set_epoch(1, start_batch=2)
+        assert list(smp) == slices[-1][8:]
+        smp.set_epoch(2)   # no order for epoch 2: random, like the plain sampler
+        assert len(list(smp)) == 16
+    assert slices[0] + slices[1] == order.tolist()
+    with pytest.raises(ValueError, match="expected 32"):
+        smp.set_order(3, order[:30])
+
+
+def test_hardness_is_the_mean_hardest_negative_similarity():
+    img = torch.eye(4)
+    txt = torch.tensor([[1.0, 0, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 1, 0], [0, 0, 0.2, 0.8]])
+    # the diagonal (each image's own text) never counts as a negative
+    sim = img @ txt.t()
+    expect = (sim - 4 * torch.eye(4)).max(1).values.mean().item()
+    assert hardness(img, txt, 4) == pytest.approx(expect)
+    assert hardness(img, txt, 2) == pytest.approx(((sim[:2, :2] - 4 * torch.eye(2)).max(1).values.sum()
+                                                   + (sim[2:, 2:] - 4 * torch.eye(2)).max(1).values.sum()).item() / 4)
