@@ -60,9 +60,10 @@ class ALBEFBase(MomentumMixin, nn.Module):
         self.use_momentum = config.get("use_momentum", True)
         self.itc_consistency = float(config.get("itc_consistency_weight", 0.0))
         sel = config.get("itm_negative_selection", "multinomial")
-        if sel not in ("multinomial", "argmax"):
-            raise ValueError(f"config key 'itm_negative_selection' must be 'multinomial' or 'argmax', not {sel!r}")
-        self.itm_hard = "sample" if sel == "multinomial" else "argmax"
+        if sel not in ("multinomial", "argmax", "uniform"):
+            raise ValueError("config key 'itm_negative_selection' must be 'multinomial', 'argmax' or 'uniform', "
+                             f"not {sel!r}")
+        self.itm_hard = sel
 
     @property
     def text_bert(self):
@@ -140,20 +141,31 @@ class ALBEFBase(MomentumMixin, nn.Module):
         ``positives`` [bs, bs] bool marks pairs that must not be drawn as negatives. Returns (loss, extras).
         """
         bs = text_embeds.shape[0]
-        image_atts = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
         with torch.no_grad():
             hard = hard or self.itm_hard
-            pick = objectives.sample_hard_negatives if hard == "sample" else objectives.topk_hard_negatives
+            if hard == "uniform":
+                pick = lambda sim, pos: objectives.random_negatives(pos)   # noqa: E731
+            else:
+                pick = objectives.sample_hard_negatives if hard == "multinomial" else objectives.topk_hard_negatives
             neg_img, valid_t2i = pick(sim_t2i[:, :bs], positives)
             neg_txt, valid_i2t = pick(sim_i2t[:, :bs], positives)
+        zeros = torch.zeros(2 * bs, dtype=torch.long, device=text_embeds.device)
+        return self.itm_pairs(text_embeds, text_atts, image_embeds, neg_img, neg_txt, zeros,
+                              torch.cat([valid_t2i, valid_i2t]).float())
+
+    def itm_pairs(self, text_embeds, text_atts, image_embeds, neg_img, neg_txt, neg_labels, neg_weights):
+        """ITM over the bs positives, (text k, image neg_img[k]) and (text neg_txt[k], image k), the last 2bs
+        with labels ``neg_labels`` (MAFA turns connections into 1s) and weights ``neg_weights``."""
+        bs = text_embeds.shape[0]
+        image_atts = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
         text_all = torch.cat([text_embeds, text_embeds[neg_txt]], dim=0)
         atts_all = torch.cat([text_atts, text_atts[neg_txt]], dim=0)
         image_all = torch.cat([image_embeds[neg_img], image_embeds], dim=0)
         cls_pos = self.fuse(text_embeds, text_atts, image_embeds, image_atts)
         cls_neg = self.fuse(text_all, atts_all, image_all, torch.cat([image_atts, image_atts], dim=0))
         logits = self.itm_head(torch.cat([cls_pos, cls_neg], dim=0))
-        labels = torch.cat([torch.ones(bs, dtype=torch.long), torch.zeros(2 * bs, dtype=torch.long)]).to(logits.device)
-        weights = torch.cat([torch.ones(bs, device=logits.device), valid_t2i.float(), valid_i2t.float()])
+        labels = torch.cat([torch.ones(bs, dtype=torch.long, device=logits.device), neg_labels.to(logits.device)])
+        weights = torch.cat([torch.ones(bs, device=logits.device), neg_weights.to(logits.device)])
         loss = objectives.itm_loss(logits, labels, weights)
         return loss, {"itm_logits": logits, "neg_image_idx": neg_img, "neg_text_idx": neg_txt}
 

@@ -37,6 +37,13 @@ def sample_hard_negatives(sim, positives, generator=None):
     return idx, valid
 
 
+def random_negatives(positives, generator=None):
+    """One negative per row drawn uniformly from the non-positives (no hardness)."""
+    valid = (~positives).any(dim=1)
+    w = torch.where(valid[:, None], (~positives).float(), torch.ones_like(positives, dtype=torch.float))
+    return torch.multinomial(w, 1, generator=generator).squeeze(1), valid
+
+
 def topk_hard_negatives(sim, positives):
     """The hardest negative per row (GRIT-VLP's top-1 choice)."""
     w, valid = hard_negative_weights(sim, positives)

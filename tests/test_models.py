@@ -204,6 +204,8 @@ def test_without_momentum_the_model_has_no_momentum_modules_or_queues_and_trains
         MODELS["pretrain"](tiny_config(use_momentum=False, distill=True))
     with pytest.raises(ValueError, match="itm_negative_selection"):
         MODELS["pretrain"](tiny_config(itm_negative_selection="top1"))
+    out = MODELS["pretrain"](tiny_config(itm_negative_selection="uniform"))(torch.randn(4, 3, 32, 32), tiny_text(4))
+    assert torch.isfinite(out["loss_itm"])
 
 
 def test_argmax_selection_picks_the_hardest_negatives_in_itm():
@@ -260,6 +262,17 @@ def test_hard_negatives_never_pick_positives_and_follow_softmax():
     assert idx[:3].tolist() == [3, 2, 0]
     nan = objectives.sample_hard_negatives(torch.full((2, 2), float("nan")), torch.eye(2, dtype=torch.bool))[0]
     assert nan.tolist() == [1, 0]
+
+
+def test_uniform_negatives_never_pick_positives_and_ignore_similarity():
+    torch.manual_seed(0)
+    pos = torch.eye(3, dtype=torch.bool)
+    pos[2] = True   # no valid negative
+    draws = torch.stack([objectives.random_negatives(pos)[0] for _ in range(3000)])
+    assert not (draws[:, :2] == torch.arange(2)).any()
+    freq = (draws[:, 0:1] == torch.tensor([1, 2])).float().mean(0)
+    assert torch.allclose(freq, torch.tensor([0.5, 0.5]), atol=0.04)
+    assert objectives.random_negatives(pos)[1].tolist() == [True, True, False]
 
 
 def test_itm_loss_drops_pairs_without_negative():
