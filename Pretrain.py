@@ -6,6 +6,7 @@ from dataset import TextCollate, create_dataset
 from engine.config import base_parser, parse_launcher
 from engine.retrieval_eval import Results, evaluate_split
 from engine.trainer import Trainer, build
+from models.ecm import build_discriminator
 from models.model_pretrain import ALBEF
 
 
@@ -26,6 +27,8 @@ def main():
     parser = base_parser("ALBEF pretraining", "./configs/Pretrain.yaml", "output/Pretrain")
     args, config = parse_launcher(parser)
     env, tokenizer, model = build(args, config, ALBEF)
+    if config.get("ecm"):   # MAFA: false-negative mining with a frozen, finetuned filter
+        model.set_discriminator(build_discriminator(config["ecm"], tokenizer, env.device))
     dataset = create_dataset("pretrain", config, seed=args.seed)
     collate = TextCollate(tokenizer, max_length=config.get("max_tokens", 25))
 

@@ -14,7 +14,8 @@ MODEL_KEYS = {
     "embed_dim", "temp", "queue_size", "momentum", "alpha", "distill", "mlm_probability", "k_test",
     "text_encoder", "text_decoder", "tokenizer", "vision_init", "attn_implementation", "grad_checkpointing",
     "mlm_distill_seq_axis_bug", "decoder_distill", "rank_answer_double_count",
-    "use_momentum", "itc_consistency_weight", "itm_negative_selection",
+    "use_momentum", "itc_consistency_weight", "itm_negative_selection", "itc_label_smoothing",
+    "smoothing_start_epoch",
 }
 DATA_KEYS = {
     "train_file", "val_file", "test_file", "image_root", "vqa_root", "vg_root", "answer_list", "eos",
@@ -31,6 +32,7 @@ NESTED = {
     "schedular": {"sched", "lr", "epochs", "min_lr", "decay_rate", "warmup_lr", "warmup_epochs",
                   "cooldown_epochs", "warmup_block"},
     "grit": {"queue_size", "search_space"},
+    "ecm": {"filter_config", "filter_checkpoint", "low_threshold", "high_threshold"},
 }
 KNOWN_KEYS = MODEL_KEYS | DATA_KEYS | TRAIN_KEYS | set(NESTED)
 FREE_FORM = {"loss_weights"}   # dicts whose keys are names chosen by the user

@@ -2,7 +2,8 @@
 
 A launcher gives: the model, the training dataset and its collate function, a ``step_fn(model, batch,
 alpha)`` returning a dict of named losses (``loss_*``; a ``feats`` entry, the detached (image, text) ITC
-features, feeds GRIT grouping when the config has a ``grit`` group), and optionally ``evaluate_fn(model, epoch)`` returning metrics.
+features, feeds GRIT grouping when the config has a ``grit`` group; ``count_*`` entries are summed over
+the epoch and logged), and optionally ``evaluate_fn(model, epoch)`` returning metrics.
 The engine owns distribution, precision, the loop, accumulation, clipping, the schedule, logging,
 bad-image accounting and checkpoints (atomic, every epoch and every N steps, resumable mid-epoch).
 """
@@ -221,6 +222,9 @@ class Trainer:
                 self.dataset.set_epoch(epoch)
             if self.grit:
                 self.grit.start_epoch(epoch, resumed_mid_epoch=epoch == start_epoch and first > 0)
+            if hasattr(self.model_without_ddp, "set_epoch"):
+                self.model_without_ddp.set_epoch(epoch)
+            counts = {}
             loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
                                 num_workers=int(cfg.get("num_workers", 4)), collate_fn=self.collate_fn,
                                 pin_memory=env.device.type == "cuda", drop_last=True,
@@ -233,6 +237,9 @@ class Trainer:
                 with self.autocast():
                     out = self.step_fn(model, batch, alpha)
                 losses = {k: v for k, v in out.items() if k.startswith("loss")}
+                for k, v in out.items():
+                    if k.startswith("count_"):   # stays on the device: no sync per step
+                        counts[k] = counts.get(k, 0) + v.detach().double()
                 loss = sum(self.loss_weights.get(k, 1.0) * v for k, v in losses.items())
                 (loss / self.accum).backward()
                 boundary = (i + 1) % self.accum == 0 or i == n_iters - 1
@@ -258,6 +265,10 @@ class Trainer:
                     break
             stats = {f"train_{k}": v for k, v in metrics.synchronize().items()}
             bad = self._check_bad(final=True)
+            if counts:
+                keys = sorted(counts)
+                totals = all_reduce_sum(torch.stack([counts[k] for k in keys]).cpu())
+                stats.update({k[len("count_"):]: int(v) for k, v in zip(keys, totals.tolist())})
             if self.grit and not stop:
                 stats.update(self.grit.end_epoch(epoch))   # collective; sets the next epoch's order
             record = {**stats, "epoch": epoch, "step": global_step, "bad_images": bad,

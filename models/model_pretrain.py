@@ -2,6 +2,7 @@
 import torch
 import torch.nn.functional as F
 
+from models import ecm as ecm_lib
 from models import objectives
 from models.base import ALBEFBase, BertForMaskedLM, text_inputs
 from models.momentum import dequeue_and_enqueue, init_queues
@@ -40,6 +41,20 @@ class ALBEF(ALBEFBase):
         elif self.distill:
             raise ValueError("config key 'distill' needs momentum encoders: set 'distill: false' "
                              "with 'use_momentum: false'")
+        # MAFA: S-ITC smoothing (from smoothing_start_epoch) and ECM once a filter is attached
+        self.itc_smoothing = float(config.get("itc_label_smoothing", 0.0))
+        self.smoothing_start_epoch = int(config.get("smoothing_start_epoch", 1))
+        self.epoch = 0
+        self._discriminator = []   # a list, so the frozen filter is no submodule: never saved or optimised
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def set_discriminator(self, discriminator):
+        """Attach MAFA's ConnectionDiscriminator (ECM); only with in-batch ITC (``use_momentum: false``)."""
+        if self.use_momentum:
+            raise ValueError("ECM needs in-batch ITC: set 'use_momentum: false' (MAFA trains without momentum)")
+        self._discriminator = [discriminator]
 
     def forward(self, image, text, alpha=0.0, idx=None):
         input_ids, attention_mask = text_inputs(text)
@@ -47,6 +62,9 @@ class ALBEF(ALBEFBase):
         image_embeds, image_feat = self.encode_image(image)
         text_embeds, text_feat = self.encode_text(input_ids, attention_mask)
         bs = image.shape[0]
+        if not self.use_momentum and self._discriminator:
+            return self.forward_mafa(image, input_ids, attention_mask, image_embeds, image_feat, text_embeds,
+                                     text_feat)
         if not self.use_momentum:
             positives = torch.eye(bs, dtype=torch.bool, device=image.device)
             loss_ita, sim_i2t, sim_t2i = self.itc_in_batch(image_feat, text_feat, positives)
@@ -67,6 +85,40 @@ class ALBEF(ALBEFBase):
         loss_mlm = self.mlm(input_ids, attention_mask, image_embeds, image_embeds_m, alpha)
         return {"loss_mlm": loss_mlm, "loss_ita": loss_ita, "loss_itm": loss_itm,
                 "feats": (image_feat.detach(), text_feat.detach())}
+
+    def forward_mafa(self, image, input_ids, attention_mask, image_embeds, image_feat, text_embeds, text_feat):
+        """MAFA: ECM on the in-batch hardest negatives, then S-ITC, corrected ITM and MLM on new positives."""
+        bs, dev = image.shape[0], image.device
+        temp = self.temp.float()
+        sim_i2t = image_feat @ text_feat.detach().t() / temp
+        sim_t2i = text_feat @ image_feat.detach().t() / temp
+        positives = torch.eye(bs, dtype=torch.bool, device=dev)
+        with torch.no_grad():
+            ecm = self._discriminator[0].mine(sim_i2t.detach(), sim_t2i.detach(), positives, image, input_ids,
+                                              attention_mask)
+        conn_i2t, conn_t2i = ecm["i2t"] == ecm_lib.CONNECTION, ecm["t2i"] == ecm_lib.CONNECTION
+        smoothing = self.itc_smoothing if self.epoch >= self.smoothing_start_epoch else 0.0
+        t_i2t, t_t2i = ecm_lib.s_itc_targets(bs, conn_i2t, ecm["n1"], conn_t2i, ecm["m1"], smoothing, dev)
+        loss_ita = (objectives.soft_target_ce(sim_i2t, t_i2t) + objectives.soft_target_ce(sim_t2i, t_t2i)) / 2
+        if self.itc_consistency > 0:
+            with torch.no_grad():
+                p_i2t, p_t2i = sim_i2t.float().softmax(1), sim_t2i.float().softmax(1)
+            loss_ita = loss_ita + self.itc_consistency * (objectives.soft_target_ce(sim_i2t, p_t2i) +
+                                                          objectives.soft_target_ce(sim_t2i, p_i2t)) / 2
+        neg_img, lab_t2i = ecm_lib.itm_negatives(ecm["m1"], ecm["m2"], ecm["t2i"])
+        neg_txt, lab_i2t = ecm_lib.itm_negatives(ecm["n1"], ecm["n2"], ecm["i2t"])
+        loss_itm, _ = self.itm_pairs(text_embeds, attention_mask, image_embeds, neg_img, neg_txt,
+                                     torch.cat([lab_t2i, lab_i2t]), torch.ones(2 * bs, device=dev))
+        # MLM also on the new positive pairs, each with its own masking
+        rows = torch.arange(bs, device=dev)
+        extra_txt = torch.cat([ecm["n1"][conn_i2t], rows[conn_t2i]])
+        extra_img = torch.cat([rows[conn_i2t], ecm["m1"][conn_t2i]])
+        loss_mlm = self.mlm(torch.cat([input_ids, input_ids[extra_txt]]),
+                            torch.cat([attention_mask, attention_mask[extra_txt]]),
+                            torch.cat([image_embeds, image_embeds[extra_img]]), None, 0.0)
+        counts = {"count_" + k: v for k, v in ecm_lib.ecm_counts(ecm).items()}
+        return {"loss_mlm": loss_mlm, "loss_ita": loss_ita, "loss_itm": loss_itm,
+                "feats": (image_feat.detach(), text_feat.detach()), **counts}
 
     def mlm(self, input_ids, attention_mask, image_embeds, image_embeds_m, alpha):
         ids, labels = objectives.mask_tokens(input_ids, self.bert_config.vocab_size, self.mlm_probability,

@@ -16,9 +16,13 @@ class ALBEF(ALBEFBase):
         super().__init__()
         self.build_encoders(config, text_cls=BertModel)
         self.build_contrastive_heads(config)
-        self.distill = config.get("distill", True)
-        self.make_momentum("visual_encoder", "vision_proj", "text_encoder", "text_proj")
-        init_queues(self, config["embed_dim"], config["queue_size"], with_idx=True)
+        self.distill = config.get("distill", self.use_momentum)
+        if self.use_momentum:
+            self.make_momentum("visual_encoder", "vision_proj", "text_encoder", "text_proj")
+            init_queues(self, config["embed_dim"], config["queue_size"], with_idx=True)
+        elif self.distill:
+            raise ValueError("config key 'distill' needs momentum encoders: set 'distill: false' "
+                             "with 'use_momentum: false'")
 
     def forward(self, image, text, alpha=0.0, idx=None):
         input_ids, attention_mask = text_inputs(text)
@@ -26,6 +30,12 @@ class ALBEF(ALBEFBase):
         image_embeds, image_feat = self.encode_image(image)
         text_embeds, text_feat = self.encode_text(input_ids, attention_mask)
         idx = idx.view(-1, 1)
+        bs = image.shape[0]
+        if not self.use_momentum:   # GRIT's retrieval option: in-batch ITC, same-image captions positive
+            positives = idx == idx.t()
+            loss_ita, sim_i2t, sim_t2i = self.itc_in_batch(image_feat, text_feat, positives)
+            loss_itm, _ = self.itm(text_embeds, attention_mask, image_embeds, sim_i2t, sim_t2i, positives)
+            return {"loss_ita": loss_ita, "loss_itm": loss_itm}
         idx_all = torch.cat([idx.t(), self.idx_queue.clone().detach()], dim=1)
         positives = idx == idx_all
         with torch.no_grad():
@@ -35,6 +45,5 @@ class ALBEF(ALBEFBase):
         loss_ita, sim_i2t, sim_t2i = self.itc(image_feat, text_feat, image_feat_m, text_feat_m, positives,
                                               alpha if self.distill else 0.0)
         dequeue_and_enqueue(self, image_feat_m, text_feat_m, idx)
-        bs = image.shape[0]
         loss_itm, _ = self.itm(text_embeds, attention_mask, image_embeds, sim_i2t, sim_t2i, positives[:, :bs])
         return {"loss_ita": loss_ita, "loss_itm": loss_itm}

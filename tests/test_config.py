@@ -12,6 +12,11 @@ def test_albef_configs_validate_and_keep_original_values():
     assert grit["grit"] == {"queue_size": 48000, "search_space": 1920} and grit["mlm_probability"] == 0.5
     assert grit["batch_size"] == 128 and grit["train_epochs"] == 20 and grit["schedular"]["epochs"] == 30
     assert grit["itc_consistency_weight"] == 0.2 and grit["use_momentum"] is False
+    mafa = validate(load_config("configs/Pretrain_mafa.yaml"))   # MAFA's: GRIT's plus ECM and S-ITC
+    assert mafa["ecm"]["low_threshold"] == 0.5 and mafa["ecm"]["high_threshold"] == 0.8
+    assert mafa["itc_label_smoothing"] == 0.5 and mafa["itc_consistency_weight"] == 0.0 and mafa["grit"] == grit["grit"]
+    filt = validate(load_config("configs/filter.yaml"))
+    assert filt["image_res"] == 256 and filt["queue_size"] == 65536 and filt["schedular"]["epochs"] == 5
 
 
 def test_unknown_key_suggests_the_closest():

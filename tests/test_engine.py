@@ -52,10 +52,28 @@ GRIT = dict(use_momentum=False, distill=False, itc_consistency_weight=0.2, itm_n
             mlm_probability=0.5, grit={"queue_size": 48, "search_space": 16})
 
 
-@pytest.mark.parametrize("recipe", ["albef", "grit"])
+def mafa_options(tmp_path):
+    """GRIT plus ECM with a (random-weight) filter of the same tiny shape, written to tmp_path."""
+    from conftest import tiny_config
+    from models import MODELS
+    cfg = json.load(open(write_config("", str(tmp_path / "probe.yaml"))))
+    filt = {k: cfg[k] for k in ("bert_config", "image_res", "patch_size", "vision_width", "vision_depth",
+                                "vision_heads", "embed_dim", "temp")}
+    filt.update(use_momentum=False, distill=False)
+    with open(tmp_path / "filter.yaml", "w") as f:
+        json.dump(filt, f)
+    torch.manual_seed(0)
+    torch.save({"model": MODELS["retrieval"]({**tiny_config(), **filt}).state_dict()}, tmp_path / "filter.pth")
+    return dict(GRIT, itc_consistency_weight=0.0, itc_label_smoothing=0.5,
+                ecm={"filter_config": str(tmp_path / "filter.yaml"), "filter_checkpoint": str(tmp_path / "filter.pth"),
+                     "low_threshold": 0.45, "high_threshold": 0.5})
+
+
+@pytest.mark.parametrize("recipe", ["albef", "grit", "mafa"])
 def test_sigkill_and_resume_ends_with_identical_weights(tiny_world, tmp_path, recipe):
-    # grit: killed while epoch 1 runs in grouped order with a half-full collection queue
-    config = write_config(tiny_world, str(tmp_path / "c.yaml"), **(GRIT if recipe == "grit" else {}))
+    # grit / mafa: killed while epoch 1 runs in grouped order with a half-full collection queue
+    extra = {"albef": {}, "grit": GRIT}.get(recipe) or mafa_options(tmp_path)
+    config = write_config(tiny_world, str(tmp_path / "c.yaml"), **extra)
     ref_out, out = str(tmp_path / "ref"), str(tmp_path / "killed")
     run(pretrain_cmd(config, ref_out))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -74,8 +92,12 @@ def test_sigkill_and_resume_ends_with_identical_weights(tiny_world, tmp_path, re
     assert a["step"] == b["step"] == 24
     diff = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
     assert diff == []
-    if recipe == "grit":   # the order GRIT hands to epoch 2 is the same too
+    if recipe != "albef":   # the order GRIT hands to epoch 2 is the same too
         assert torch.equal(a["grit"]["orders"][2], b["grit"]["orders"][2])
+    if recipe == "mafa":
+        assert not any(k.startswith("_discriminator") for k in a["model"])   # the filter is never saved
+        rec = [json.loads(line) for line in open(os.path.join(ref_out, "log.txt"))][-1]
+        assert rec["ecm_connections"] + rec["ecm_negatives"] + rec["ecm_ambiguous"] == 2 * 12 * 8
     assert len([f for f in os.listdir(out) if f.startswith("checkpoint_step")]) <= 2   # last K kept
     log = [json.loads(line) for line in open(os.path.join(out, "log.txt"))]
     assert log[-1]["epoch"] == 1 and "train_loss_ita" in log[-1]

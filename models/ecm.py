@@ -1,0 +1,138 @@
+"""MAFA's false-negative handling (spec grit_mafa.md §2): ECM mining with a frozen filter, and the
+FN-aware ITM labels, MLM pairs and S-ITC targets.
+
+For each text the hardest in-batch negative image (and each image's hardest negative text) comes from the
+training model's ITC similarities; a frozen filter (a retrieval model) scores that pair with its ITM head.
+Threshold policy, with the bounds deliberately assigned (the original compares strictly on both sides
+and silently drops a score equal to a threshold):
+
+* score >= high_threshold: a connection (false negative): the pair becomes a positive;
+* score <  low_threshold:  a true hard negative: kept as the ITM negative;
+* otherwise (low <= score < high): ambiguous: the second-hardest candidate is the ITM negative instead.
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+
+from engine.config import load_config
+from models.checkpoint import load_checkpoint, strip_bert
+
+CONNECTION, NEGATIVE, AMBIGUOUS = 0, 1, 2
+
+
+def hardest_two(sim, positives):
+    """Indices of the hardest and second-hardest negatives per row (positives excluded).
+
+    Returns (first, second, has_second); a row with a single negative repeats it as its second.
+    """
+    masked = sim.float().masked_fill(positives, float("-inf"))
+    k = min(2, sim.shape[1])
+    top = masked.topk(k, dim=1)
+    first = top.indices[:, 0]
+    if k < 2:
+        return first, first, torch.zeros_like(first, dtype=torch.bool)
+    has_second = torch.isfinite(top.values[:, 1])
+    second = torch.where(has_second, top.indices[:, 1], first)
+    return first, second, has_second
+
+
+def decide(scores, low, high):
+    """Filter match probabilities -> CONNECTION / NEGATIVE / AMBIGUOUS per anchor (see module docstring)."""
+    out = torch.full_like(scores, AMBIGUOUS, dtype=torch.long)
+    out[scores >= high] = CONNECTION
+    out[scores < low] = NEGATIVE
+    return out
+
+
+def itm_negatives(first, second, decision):
+    """The ITM partner of each anchor and its label: the hardest one (label 1 for a connection, 0 for a
+    true negative) or, for an ambiguous anchor, the second-hardest with label 0."""
+    partner = torch.where(decision == AMBIGUOUS, second, first)
+    label = (decision == CONNECTION).long()
+    return partner, label
+
+
+def s_itc_targets(bs, conn_i2t, n, conn_t2i, m, smoothing=0.0, device=None):
+    """MAFA's ITC targets: row k is e_k plus the connected partner (image k -> text n_k; text k -> image m_k),
+    normalised, then mixed with the uniform distribution: (1 - smoothing) * Y + smoothing / bs.
+
+    Returns (targets_i2t, targets_t2i), each [bs, bs]; rows sum to 1.
+    """
+    eye = torch.eye(bs, device=device)
+
+    def build(conn, partner):
+        y = eye.clone()
+        rows = torch.arange(bs, device=device)
+        y[rows, partner] += conn.float()
+        y = y / y.sum(1, keepdim=True)
+        return (1 - smoothing) * y + smoothing / bs
+
+    return build(conn_i2t, n), build(conn_t2i, m)
+
+
+class ConnectionDiscriminator:
+    """A frozen retrieval model that scores (text, image) pairs with its ITM head. Not an nn.Module
+    attribute of the training model, so it is never saved, optimised or wrapped by DDP."""
+
+    def __init__(self, model, low=0.5, high=0.8):
+        if not 0 <= low <= high <= 1:
+            raise ValueError(f"ecm thresholds must satisfy 0 <= low_threshold ({low}) <= high_threshold ({high}) <= 1")
+        self.model = model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.low, self.high = low, high
+
+    def to(self, device):
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def match_prob(self, image, input_ids, attention_mask, text_idx, image_idx):
+        """P(match) of pairs (text text_idx[j], image image_idx[j]); every image and text encoded once."""
+        m = self.model
+        image_embeds = m.visual_encoder(image)
+        text_embeds = m.text_bert(input_ids=input_ids, attention_mask=attention_mask, mode="text").last_hidden_state
+        cls = m.fuse(text_embeds[text_idx], attention_mask[text_idx], image_embeds[image_idx])
+        return F.softmax(m.itm_head(cls).float(), dim=1)[:, 1]
+
+    def mine(self, sim_i2t, sim_t2i, positives, image, input_ids, attention_mask):
+        """ECM for one batch. Returns a dict of index / decision tensors (no host sync)."""
+        bs = sim_i2t.shape[0]
+        n1, n2, _ = hardest_two(sim_i2t[:, :bs], positives)   # image k -> hardest texts
+        m1, m2, _ = hardest_two(sim_t2i[:, :bs], positives)   # text k -> hardest images
+        rows = torch.arange(bs, device=sim_i2t.device)
+        # one filter pass over both directions: (text k, image m1_k) and (text n1_k, image k)
+        p = self.match_prob(image, input_ids, attention_mask, torch.cat([rows, n1]), torch.cat([m1, rows]))
+        p_t2i, p_i2t = p[:bs], p[bs:]
+        return {"m1": m1, "m2": m2, "n1": n1, "n2": n2, "p_t2i": p_t2i, "p_i2t": p_i2t,
+                "t2i": decide(p_t2i, self.low, self.high), "i2t": decide(p_i2t, self.low, self.high)}
+
+
+def ecm_counts(ecm):
+    """Per-step counts of connections, true negatives and ambiguous anchors over both directions."""
+    both = torch.cat([ecm["t2i"], ecm["i2t"]])
+    return {"ecm_connections": (both == CONNECTION).sum(), "ecm_negatives": (both == NEGATIVE).sum(),
+            "ecm_ambiguous": (both == AMBIGUOUS).sum()}
+
+
+def build_discriminator(ecm_cfg, tokenizer, device):
+    """MAFA's filter from the ``ecm`` config group: a retrieval model from ``filter_config`` (built without
+    momentum encoders or queues), weights from ``filter_checkpoint``. Anything missing is an error."""
+    from models.model_retrieval import ALBEF as RetrievalModel
+    path, ckpt = ecm_cfg.get("filter_config"), ecm_cfg.get("filter_checkpoint")
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(f"filter config not found: {path!r} (config key 'ecm.filter_config')")
+    if not ckpt or not os.path.isfile(ckpt):
+        raise FileNotFoundError(f"filter checkpoint not found: {ckpt!r} (config key 'ecm.filter_checkpoint'); "
+                                "MAFA never trains with an untrained filter")
+    cfg = dict(load_config(path), use_momentum=False, distill=False, text_encoder=None, vision_init=None)
+    model = RetrievalModel(cfg, tokenizer)
+    report = load_checkpoint(model, ckpt, remap=strip_bert, config_key="ecm.filter_checkpoint", verbose=False)
+    needed = [k for k in report.missing if k.startswith(("visual_encoder.", "text_encoder.", "itm_head."))]
+    if needed:
+        shown = ", ".join(sorted(needed)[:8]) + (f", ... ({len(needed) - 8} more)" if len(needed) > 8 else "")
+        raise RuntimeError(f"filter checkpoint {ckpt!r} (config key 'ecm.filter_checkpoint') lacks {len(needed)} "
+                           f"weights the filter needs: {shown}")
+    return ConnectionDiscriminator(model, float(ecm_cfg.get("low_threshold", 0.5)),
+                                   float(ecm_cfg.get("high_threshold", 0.8))).to(device)
