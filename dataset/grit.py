@@ -67,13 +67,13 @@ def reference_walk(img, txt, start, temp=0.07):
 def hardness(img, txt, batch):
     """Mean over anchors of the similarity of the hardest in-batch negative text, for consecutive batches."""
     n = len(img) // batch * batch
-    if n == 0:
-        return float("nan")
+    if n == 0 or batch < 2:
+        return torch.tensor(float("nan"))
     i = img[:n].float().view(-1, batch, img.shape[1])
     t = txt[:n].float().view(-1, batch, txt.shape[1])
     sim = i @ t.transpose(1, 2)
     sim = sim - 4 * torch.eye(batch, device=sim.device)   # cosine >= -1: the diagonal never wins
-    return float(sim.max(dim=2).values.mean())
+    return sim.max(dim=2).values.mean()   # a tensor: no host sync
 
 
 class GritCollector:
@@ -129,9 +129,9 @@ class GritCollector:
                 raise RuntimeError("GRIT walk is not a permutation of its search space")
             self.groups.append(idx[s:e][walk])
             if e - s >= self.batch:
-                self.stats["random"].append(hardness(img[s:e], txt[s:e], self.batch))
+                self.stats["random"].append(float(hardness(img[s:e], txt[s:e], self.batch)))
                 w = torch.from_numpy(walk).to(img.device)
-                self.stats["grouped"].append(hardness(img[s:e][w], txt[s:e][w], self.batch))
+                self.stats["grouped"].append(float(hardness(img[s:e][w], txt[s:e][w], self.batch)))
         self.ptr = 0
 
     def finish(self):

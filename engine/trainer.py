@@ -240,6 +240,10 @@ class Trainer:
                 for k, v in out.items():
                     if k.startswith("count_"):   # stays on the device: no sync per step
                         counts[k] = counts.get(k, 0) + v.detach().double()
+                if "feats" in out:   # in-batch hardness of every step, averaged over the epoch
+                    b = len(out["feats"][0])
+                    counts["hard_neg_sim_sum"] = counts.get("hard_neg_sim_sum", 0) + hardness(*out["feats"], b).double()
+                    counts["hard_neg_sim_n"] = counts.get("hard_neg_sim_n", 0) + 1
                 loss = sum(self.loss_weights.get(k, 1.0) * v for k, v in losses.items())
                 (loss / self.accum).backward()
                 boundary = (i + 1) % self.accum == 0 or i == n_iters - 1
@@ -253,8 +257,7 @@ class Trainer:
                     self.grit.push(out["feats"], batch["idx"])
                 self._count_bad(batch)
                 if i % self.print_freq == 0 or i == n_iters - 1:
-                    extra = {"hard_neg_sim": hardness(*out["feats"], len(batch["idx"]))} if "feats" in out else {}
-                    metrics.update(**{k: v.item() for k, v in losses.items()}, lr=self.scheduler.lr(), **extra)
+                    metrics.update(**{k: v.item() for k, v in losses.items()}, lr=self.scheduler.lr())
                     self._check_bad(final=False)
                 progress.step(i, metrics)
                 if self.max_steps and global_step >= int(self.max_steps):
@@ -267,8 +270,12 @@ class Trainer:
             bad = self._check_bad(final=True)
             if counts:
                 keys = sorted(counts)
-                totals = all_reduce_sum(torch.stack([counts[k] for k in keys]).cpu())
-                stats.update({k[len("count_"):]: int(v) for k, v in zip(keys, totals.tolist())})
+                totals = dict(zip(keys, all_reduce_sum(torch.stack([torch.as_tensor(counts[k], dtype=torch.float64)
+                                                                    .cpu() for k in keys])).tolist()))
+                n = totals.pop("hard_neg_sim_n", 0)
+                if n:
+                    stats["train_hard_neg_sim"] = totals.pop("hard_neg_sim_sum") / n
+                stats.update({k[len("count_"):]: int(v) for k, v in totals.items()})
             if self.grit and not stop:
                 stats.update(self.grit.end_epoch(epoch))   # collective; sets the next epoch's order
             record = {**stats, "epoch": epoch, "step": global_step, "bad_images": bad,

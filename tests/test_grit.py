@@ -117,6 +117,6 @@ def test_hardness_is_the_mean_hardest_negative_similarity():
     # the diagonal (each image's own text) never counts as a negative
     sim = img @ txt.t()
     expect = (sim - 4 * torch.eye(4)).max(1).values.mean().item()
-    assert hardness(img, txt, 4) == pytest.approx(expect)
-    assert hardness(img, txt, 2) == pytest.approx(((sim[:2, :2] - 4 * torch.eye(2)).max(1).values.sum()
+    assert float(hardness(img, txt, 4)) == pytest.approx(expect)
+    assert float(hardness(img, txt, 2)) == pytest.approx(((sim[:2, :2] - 4 * torch.eye(2)).max(1).values.sum()
                                                    + (sim[2:, 2:] - 4 * torch.eye(2)).max(1).values.sum()).item() / 4)
