@@ -2,9 +2,11 @@
 
     python benchmarks/pretrain_step.py --size base --batch 4            # ViT-B/16 + BERT-base, 256 px
     python benchmarks/pretrain_step.py --size demo --batch 32           # the demo model
+    python benchmarks/pretrain_step.py --compare mafa --size base --batch 4
 
 Variants measured in the same run: the default (SDPA attention, bf16 autocast on CUDA) against eager
 attention in fp32, the originals' setting. Figures are printed as ratios to that baseline.
+``--compare mafa``: MAFA's step (GRIT's plus the frozen filter's ECM pass) against GRIT's, same batch.
 """
 import argparse
 import os
@@ -16,7 +18,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from engine.config import load_config   # noqa: E402
+from models.ecm import ConnectionDiscriminator   # noqa: E402
 from models.model_pretrain import ALBEF   # noqa: E402
+from models.model_retrieval import ALBEF as RetrievalModel   # noqa: E402
 from optim import create_optimizer   # noqa: E402
 
 
@@ -25,13 +29,21 @@ def config_for(size):
         return {"image_res": 256, "vision_width": 768, "embed_dim": 256, "temp": 0.07, "queue_size": 65536,
                 "momentum": 0.995, "alpha": 0.4, "mlm_probability": 0.15, "bert_config": "configs/config_bert.json"}
     cfg = load_config("configs/demo/Pretrain.yaml")
-    return {k: cfg[k] for k in ("image_res", "patch_size", "vision_width", "vision_depth", "vision_heads", "embed_dim",
-                                "temp", "queue_size", "momentum", "alpha", "mlm_probability", "bert_config")}
+    geometry = {k: cfg[k] for k in ("image_res", "patch_size", "vision_width", "vision_depth", "vision_heads",
+                                    "embed_dim", "temp", "mlm_probability", "bert_config")}
+    return {**geometry, "queue_size": 256, "momentum": 0.99, "alpha": 0.4}   # ALBEF's recipe at demo size
 
 
-def measure(cfg, batch, device, attn, precision, steps, warmup):
+GRIT = {"use_momentum": False, "distill": False, "itc_consistency_weight": 0.2, "itm_negative_selection": "argmax",
+        "mlm_probability": 0.5}
+
+
+def measure(cfg, batch, device, attn, precision, steps, warmup, with_filter=False):
     torch.manual_seed(0)
     model = ALBEF({**cfg, "attn_implementation": attn}).to(device).train()
+    if with_filter:   # a frozen retrieval model of the same size
+        filt = RetrievalModel({**cfg, "attn_implementation": attn, "use_momentum": False, "distill": False})
+        model.set_discriminator(ConnectionDiscriminator(filt).to(device))
     opt = create_optimizer({"opt": "adamW", "lr": 1e-4, "weight_decay": 0.02}, model)
     vocab = model.bert_config.vocab_size
     image = torch.randn(batch, 3, cfg["image_res"], cfg["image_res"], device=device)
@@ -69,9 +81,19 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compare", choices=["precision", "mafa"], default="precision")
     a = p.parse_args()
     device = torch.device(a.device)
     cfg = config_for(a.size)
+    if a.compare == "mafa":
+        prec = "bf16" if device.type == "cuda" else "fp32"
+        print(f"GRIT vs MAFA pretraining step, size={a.size}, batch={a.batch}, device={device}, {prec}")
+        grit, _ = measure({**cfg, **GRIT}, a.batch, device, "sdpa", prec, a.steps, a.warmup)
+        mafa, _ = measure({**cfg, **GRIT, "itc_consistency_weight": 0.0, "itc_label_smoothing": 0.5},
+                          a.batch, device, "sdpa", prec, a.steps, a.warmup, with_filter=True)
+        print(f"GRIT {grit:8.2f} samples/s")
+        print(f"MAFA {mafa:8.2f} samples/s   step time {grit / mafa:.2f}x GRIT's")
+        return
     runs = [("baseline: eager attention, fp32", "eager", "fp32"), ("SDPA, fp32", "sdpa", "fp32")]
     if device.type == "cuda":
         runs.append(("SDPA, bf16 autocast (default on CUDA)", "sdpa", "bf16"))
