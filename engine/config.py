@@ -15,7 +15,7 @@ MODEL_KEYS = {
     "text_encoder", "text_decoder", "tokenizer", "vision_init", "attn_implementation", "grad_checkpointing",
     "mlm_distill_seq_axis_bug", "decoder_distill", "rank_answer_double_count",
     "use_momentum", "itc_consistency_weight", "itm_negative_selection", "itc_label_smoothing",
-    "smoothing_start_epoch",
+    "smoothing_start_epoch", "return_hidden_state", "num_hidden_align", "ita_hidden_weight", "ita_hidden_weights",
 }
 DATA_KEYS = {
     "train_file", "val_file", "test_file", "image_root", "vqa_root", "vg_root", "answer_list", "eos",

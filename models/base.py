@@ -64,6 +64,38 @@ class ALBEFBase(MomentumMixin, nn.Module):
             raise ValueError("config key 'itm_negative_selection' must be 'multinomial', 'argmax' or 'uniform', "
                              f"not {sel!r}")
         self.itm_hard = sel
+        self.build_hidden_alignment(config)
+
+    def build_hidden_alignment(self, config):
+        """ViCHA's H-ITC: ``num_hidden_align`` extra levels pairing the last ViT blocks before the final one
+        with the last text layers before the final one (ViCHA: blocks 7-11 with text layers 1-5)."""
+        n = int(config.get("num_hidden_align", 5)) if config.get("return_hidden_state") else 0
+        self.num_hidden_align = n
+        if not n:
+            return
+        depth, text_layers = len(self.visual_encoder.blocks), self.bert_config.fusion_layer
+        if n >= min(depth, text_layers):
+            raise ValueError(f"config key 'num_hidden_align' ({n}) must be below the ViT depth ({depth}) and the "
+                             f"number of text layers ({text_layers})")
+        weights = list(config.get("ita_hidden_weights") or [1.0] * n)
+        if len(weights) != n:
+            raise ValueError(f"config key 'ita_hidden_weights' has {len(weights)} entries, num_hidden_align is {n}")
+        vw, tw, ed = config.get("vision_width", 768), self.bert_config.hidden_size, config["embed_dim"]
+        self.vision_proj_hidden = nn.ModuleList(nn.Linear(vw, ed) for _ in range(n))
+        self.text_proj_hidden = nn.ModuleList(nn.Linear(tw, ed) for _ in range(n))
+        self.ita_hidden_weight = float(config.get("ita_hidden_weight", 1.0))
+        self.ita_hidden_weights = [float(w) for w in weights]
+
+    def hidden_itc(self, image_hidden, text_hidden):
+        """Weighted sum of the H-ITC levels from the per-block / per-layer states of the online encoders."""
+        n = self.num_hidden_align
+        vis, txt = image_hidden[-1 - n:-1], text_hidden[-1 - n:-1]
+        total = 0.0
+        for level in range(n):
+            v = F.normalize(self.vision_proj_hidden[level](vis[level][:, 0]).float(), dim=-1)
+            t = F.normalize(self.text_proj_hidden[level](txt[level][:, 0]).float(), dim=-1)
+            total = total + self.ita_hidden_weights[level] * objectives.hidden_itc_loss(v, t, self.temp)
+        return self.ita_hidden_weight * total
 
     @property
     def text_bert(self):
@@ -75,16 +107,23 @@ class ALBEFBase(MomentumMixin, nn.Module):
         return self.text_encoder_m.bert if hasattr(self.text_encoder_m, "bert") else self.text_encoder_m
 
     # ---- encoders
-    def encode_image(self, image, momentum=False):
+    def encode_image(self, image, momentum=False, hidden=False):
+        """(token states, normalised ITC feature) and with ``hidden`` each block's output through the final
+        norm (as ViCHA aligns them)."""
         enc, proj = ((self.visual_encoder_m, self.vision_proj_m) if momentum
                      else (self.visual_encoder, self.vision_proj))
+        if hidden:
+            embeds, states = enc(image, return_hidden=True)
+            return embeds, F.normalize(proj(embeds[:, 0]).float(), dim=-1), [enc.norm(h) for h in states]
         embeds = enc(image)
         return embeds, F.normalize(proj(embeds[:, 0]).float(), dim=-1)
 
-    def encode_text(self, input_ids, attention_mask, momentum=False):
+    def encode_text(self, input_ids, attention_mask, momentum=False, hidden=False):
         bert, proj = (self.text_bert_m, self.text_proj_m) if momentum else (self.text_bert, self.text_proj)
-        embeds = bert(input_ids=input_ids, attention_mask=attention_mask, mode="text").last_hidden_state
-        return embeds, F.normalize(proj(embeds[:, 0]).float(), dim=-1)
+        out = bert(input_ids=input_ids, attention_mask=attention_mask, mode="text", output_hidden_states=hidden)
+        embeds = out.last_hidden_state
+        feat = F.normalize(proj(embeds[:, 0]).float(), dim=-1)
+        return (embeds, feat, out.hidden_states) if hidden else (embeds, feat)
 
     def fuse(self, text_embeds, text_atts, image_embeds, image_atts=None):
         """Fusion layers over (text states, image tokens); returns the multimodal [CLS] states."""

@@ -59,8 +59,19 @@ class ALBEF(ALBEFBase):
     def forward(self, image, text, alpha=0.0, idx=None):
         input_ids, attention_mask = text_inputs(text)
         self.clamp_temp()
+        if self.num_hidden_align:   # ViCHA's H-ITC joins the ITC loss
+            image_embeds, image_feat, image_hidden = self.encode_image(image, hidden=True)
+            text_embeds, text_feat, text_hidden = self.encode_text(input_ids, attention_mask, hidden=True)
+            out = self._objectives(image, input_ids, attention_mask, alpha, image_embeds, image_feat, text_embeds,
+                                   text_feat)
+            out["loss_ita"] = out["loss_ita"] + self.hidden_itc(image_hidden, text_hidden)
+            return out
         image_embeds, image_feat = self.encode_image(image)
         text_embeds, text_feat = self.encode_text(input_ids, attention_mask)
+        return self._objectives(image, input_ids, attention_mask, alpha, image_embeds, image_feat, text_embeds,
+                                text_feat)
+
+    def _objectives(self, image, input_ids, attention_mask, alpha, image_embeds, image_feat, text_embeds, text_feat):
         bs = image.shape[0]
         if not self.use_momentum and self._discriminator:
             return self.forward_mafa(image, input_ids, attention_mask, image_embeds, image_feat, text_embeds,

@@ -2,6 +2,8 @@
 import torch
 import torch.nn.functional as F
 
+from engine.distributed import concat_all_gather, get_rank
+
 
 def soft_target_ce(logits, targets):
     """mean_i( -sum_j targets[i, j] * log_softmax(logits)[i, j] ) (ALBEF's ITC with soft targets)."""
@@ -79,3 +81,17 @@ def mask_tokens(input_ids, vocab_size, mlm_probability, mask_token_id, pad_token
     random_words = torch.randint(vocab_size, input_ids.shape, device=dev, generator=generator)
     input_ids = torch.where(randomized, random_words, input_ids)
     return input_ids, labels
+
+
+def hidden_itc_loss(image_feat, text_feat, temp):
+    """One H-ITC level (ViCHA): in-batch InfoNCE against the features of every rank, gathered without
+    gradient, hard targets. The positive of local sample i is column rank * B + i; ViCHA placed it at
+    column i on every rank, which is wrong on all ranks but the first."""
+    image_all = concat_all_gather(image_feat.detach())
+    text_all = concat_all_gather(text_feat.detach())
+    bs = image_feat.shape[0]
+    labels = torch.arange(bs, device=image_feat.device) + get_rank() * bs
+    temp = temp.float()
+    loss_i2t = F.cross_entropy((image_feat.float() @ text_all.float().t()) / temp, labels)
+    loss_t2i = F.cross_entropy((text_feat.float() @ image_all.float().t()) / temp, labels)
+    return (loss_i2t + loss_t2i) / 2

@@ -275,8 +275,10 @@ class BertEncoder(nn.Module):
         raise ValueError(f"mode must be 'text', 'fusion' or 'multi_modal', got {mode!r}")
 
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
-                past_key_values=None, use_cache=False, output_attentions=False, mode="multi_modal"):
+                past_key_values=None, use_cache=False, output_attentions=False, mode="multi_modal",
+                output_hidden_states=False):
         start, end = self.layer_range(mode)
+        all_hidden = [] if output_hidden_states else None   # each layer's output (ViCHA's H-ITC)
         fusion = self.config.fusion_layer
         multi = isinstance(encoder_hidden_states, (list, tuple))
         presents = [] if use_cache else None
@@ -294,12 +296,14 @@ class BertEncoder(nn.Module):
             else:
                 out = layer(hidden_states, attention_mask, enc, enc_mask, past, output_attentions)
             hidden_states = out[0]
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
             if use_cache:
                 presents.append(out[1])
             if output_attentions:
                 attentions.append(out[2])
                 cross_attentions.append(out[3])
-        return Output(last_hidden_state=hidden_states, past_key_values=presents,
+        return Output(last_hidden_state=hidden_states, past_key_values=presents, hidden_states=all_hidden,
                       attentions=attentions if output_attentions else None,
                       cross_attentions=cross_attentions if output_attentions else None)
 
@@ -353,7 +357,8 @@ class BertModel(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, encoder_embeds=None,
                 encoder_hidden_states=None, encoder_attention_mask=None, past_key_values=None, use_cache=False,
-                output_attentions=False, is_decoder=False, mode="multi_modal", return_dict=True, **unused):
+                output_attentions=False, is_decoder=False, mode="multi_modal", return_dict=True,
+                output_hidden_states=False, **unused):
         given = [x is not None for x in (input_ids, inputs_embeds, encoder_embeds)]
         if sum(given) != 1:
             raise ValueError("give exactly one of input_ids, inputs_embeds, encoder_embeds")
@@ -379,7 +384,8 @@ class BertModel(nn.Module):
         else:
             enc_mask = None
         return self.encoder(hidden, ext_mask, encoder_hidden_states, enc_mask, past_key_values=past_key_values,
-                            use_cache=use_cache, output_attentions=output_attentions, mode=mode)
+                            use_cache=use_cache, output_attentions=output_attentions, mode=mode,
+                            output_hidden_states=output_hidden_states)
 
 
 class BertPredictionHeadTransform(nn.Module):
