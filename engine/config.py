@@ -16,6 +16,7 @@ MODEL_KEYS = {
     "mlm_distill_seq_axis_bug", "decoder_distill", "rank_answer_double_count",
     "use_momentum", "itc_consistency_weight", "itm_negative_selection", "itc_label_smoothing",
     "smoothing_start_epoch", "return_hidden_state", "num_hidden_align", "ita_hidden_weight", "ita_hidden_weights",
+    "mae", "mask_ratio", "unimodal_mae", "mae_lambda", "mim_decoder_heads",
 }
 DATA_KEYS = {
     "train_file", "val_file", "test_file", "image_root", "vqa_root", "vg_root", "answer_list", "eos",

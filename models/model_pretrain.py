@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from models import ecm as ecm_lib
+from models import mim
 from models import objectives
 from models.base import ALBEFBase, BertForMaskedLM, text_inputs
 from models.momentum import dequeue_and_enqueue, init_queues
@@ -46,6 +47,7 @@ class ALBEF(ALBEFBase):
         self.smoothing_start_epoch = int(config.get("smoothing_start_epoch", 1))
         self.epoch = 0
         self._discriminator = []   # a list, so the frozen filter is no submodule: never saved or optimised
+        mim.build_mim(self, config)   # ViCHA's masked image modelling (mae: true)
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -65,11 +67,14 @@ class ALBEF(ALBEFBase):
             out = self._objectives(image, input_ids, attention_mask, alpha, image_embeds, image_feat, text_embeds,
                                    text_feat)
             out["loss_ita"] = out["loss_ita"] + self.hidden_itc(image_hidden, text_hidden)
-            return out
-        image_embeds, image_feat = self.encode_image(image)
-        text_embeds, text_feat = self.encode_text(input_ids, attention_mask)
-        return self._objectives(image, input_ids, attention_mask, alpha, image_embeds, image_feat, text_embeds,
-                                text_feat)
+        else:
+            image_embeds, image_feat = self.encode_image(image)
+            text_embeds, text_feat = self.encode_text(input_ids, attention_mask)
+            out = self._objectives(image, input_ids, attention_mask, alpha, image_embeds, image_feat, text_embeds,
+                                   text_feat)
+        if self.mim:
+            out["loss_mae"] = mim.mim_loss(self, image)
+        return out
 
     def _objectives(self, image, input_ids, attention_mask, alpha, image_embeds, image_feat, text_embeds, text_feat):
         bs = image.shape[0]
