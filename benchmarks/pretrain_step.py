@@ -7,6 +7,7 @@
 Variants measured in the same run: the default (SDPA attention, bf16 autocast on CUDA) against eager
 attention in fp32, the originals' setting. Figures are printed as ratios to that baseline.
 ``--compare mafa``: MAFA's step (GRIT's plus the frozen filter's ECM pass) against GRIT's, same batch.
+``--compare vicha``: ALBEF + H-ITC, + MIM, + both against plain ALBEF, same batch.
 """
 import argparse
 import os
@@ -81,10 +82,22 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--compare", choices=["precision", "mafa"], default="precision")
+    p.add_argument("--compare", choices=["precision", "mafa", "vicha"], default="precision")
     a = p.parse_args()
     device = torch.device(a.device)
     cfg = config_for(a.size)
+    if a.compare == "vicha":
+        prec = "bf16" if device.type == "cuda" else "fp32"
+        n = 5 if a.size == "base" else 1   # the demo BERT has 2 text layers
+        hitc = {"return_hidden_state": True, "num_hidden_align": n, "ita_hidden_weight": 0.1}
+        mae = {"mae": True, "mask_ratio": 0.75, "mim_decoder_heads": 16 if a.size == "base" else 4}
+        print(f"ViCHA components, size={a.size}, batch={a.batch}, device={device}, {prec}")
+        base = None
+        for name, extra in (("ALBEF", {}), ("+ H-ITC", hitc), ("+ MIM", mae), ("+ H-ITC + MIM", {**hitc, **mae})):
+            sps, _ = measure({**cfg, **extra}, a.batch, device, "sdpa", prec, a.steps, a.warmup)
+            base = base or sps
+            print(f"{name:16s} {sps:8.2f} samples/s   step time {base / sps:.2f}x ALBEF's")
+        return
     if a.compare == "mafa":
         prec = "bf16" if device.type == "cuda" else "fp32"
         print(f"GRIT vs MAFA pretraining step, size={a.size}, batch={a.batch}, device={device}, {prec}")
