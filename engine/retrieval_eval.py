@@ -106,17 +106,16 @@ class PairScorer:
         return [(_heads(layer.crossattention.self.key(images), self.heads),
                  _heads(layer.crossattention.self.value(images), self.heads)) for layer in self.layers]
 
-    def pack(self, txt, device):
-        """Host-side index tensors of a group of captions (numpy ids): rows in the packed text states, the
-        packed row of each [CLS], and each token's slot in a [P, longest] padded layout."""
+    def pack(self, txt):
+        """Host-side indices of a batch of captions (numpy ids): rows in the packed text states, the packed
+        row of each [CLS], each token's slot in a [P, longest] padded layout, the lengths, the longest."""
         lengths = self.lengths_np[txt]
         starts = np.cumsum(lengths) - lengths
         pos = np.arange(lengths.sum()) - np.repeat(starts, lengths)
         src = np.repeat(self.text_start[txt], lengths) + pos
         n = int(lengths.max())
         slot = np.repeat(np.arange(len(txt)) * n, lengths) + pos
-        as_t = lambda a: torch.from_numpy(a).to(device)   # noqa: E731
-        return as_t(src), as_t(starts), as_t(slot), as_t(lengths), n
+        return src, starts, slot, lengths, n
 
     def _pad(self, t, slot, p, n):
         buf = t.new_zeros(p * n, t.shape[1])
@@ -199,28 +198,37 @@ def score_matrices(model, sims, image_states, text_states, text_atts, k, pair_ba
     rank, world = get_rank(), get_world_size()
     step = math.ceil(len(pairs) / world)
     scorer = PairScorer(model, image_states, text_states, text_atts)
-    # One copy of this rank's share to the host: the batching below is planned there, with no further syncs.
+    # One copy of this rank's share to the host: the batching is planned there, and the indices of every
+    # batch go back in one copy, so the scoring loop never waits on the device.
     mine = pairs[rank * step:(rank + 1) * step].cpu().numpy()
     img, txt = mine // nt, mine % nt
     bounds = np.flatnonzero(np.diff(img)) + 1
     groups = np.split(np.arange(len(mine)), bounds) if len(mine) else []
+    # Plan every batch (one image, captions of similar length) and move all their indices in one copy each.
+    batches = []
+    for g in groups:
+        g = g[np.argsort(scorer.lengths_np[txt[g]], kind="stable")]
+        batches += [(int(img[g[0]]), g[s:s + pair_batch]) for s in range(0, len(g), pair_batch)]
+    packs = [scorer.pack(txt[sel]) for _, sel in batches]
+    dev = sims.device
+    cat = lambda j: torch.from_numpy(np.concatenate([p[j] for p in packs]) if packs else np.zeros(0, int)).to(dev)  # noqa: E731
+    src_all, starts_all, slot_all, lengths_all = cat(0), cat(1), cat(2), cat(3)
     # Images in blocks whose cross-attention keys/values are projected once.
     block = max(1, int(kv_budget // max(1, _kv_bytes(scorer, image_states))))
-    out, kv, kv_first = [], None, -1
-    for g in groups:
-        i = int(img[g[0]])
+    out, kv, kv_first, tok, row = [], None, -1, 0, 0
+    for (i, sel), (src, _, _, lengths, n) in zip(batches, packs):
         if kv is None or not kv_first <= i < kv_first + block:
             kv_first = i
-            kv = scorer.image_kv(torch.arange(i, min(ni, i + block), device=sims.device))
+            kv = scorer.image_kv(torch.arange(i, min(ni, i + block), device=dev))
         kv_i = [(k_[i - kv_first], v_[i - kv_first]) for k_, v_ in kv]
-        g = g[np.argsort(scorer.lengths_np[txt[g]], kind="stable")]   # similar lengths share a batch
-        for s in range(0, len(g), pair_batch):
-            sel = g[s:s + pair_batch]
-            out.append((sel, scorer(kv_i, *scorer.pack(txt[sel], sims.device))))
-    scores = torch.zeros(len(pairs), device=sims.device)
+        t, p = len(src), len(sel)
+        out.append(scorer(kv_i, src_all[tok:tok + t], starts_all[row:row + p], slot_all[tok:tok + t],
+                          lengths_all[row:row + p], n))
+        tok, row = tok + t, row + p
+    scores = torch.zeros(len(pairs), device=dev)
     if out:
-        sel = torch.from_numpy(np.concatenate([o[0] for o in out]) + rank * step).to(sims.device)
-        scores[sel] = torch.cat([o[1] for o in out])
+        sel = torch.from_numpy(np.concatenate([b[1] for b in batches]) + rank * step).to(dev)
+        scores[sel] = torch.cat(out)
     scores = all_reduce_sum(scores)
     flat = torch.full((ni * nt,), FILL, device=sims.device)
     flat[pairs] = scores
