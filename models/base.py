@@ -155,24 +155,28 @@ class ALBEFBase(MomentumMixin, nn.Module):
         loss = (objectives.soft_target_ce(sim_i2t, t_i2t) + objectives.soft_target_ce(sim_t2i, t_t2i)) / 2
         return loss, sim_i2t, sim_t2i
 
-    def itc_in_batch(self, image_feat, text_feat, positives):
-        """ITC over the batch only (GRIT-VLP): no momentum encoders, no queue, nothing gathered across ranks.
-
-        The keys are the other modality's features, detached as in GRIT (each direction trains one tower,
-        as with ALBEF's momentum keys). With ``itc_consistency_weight`` > 0 each direction is also pulled
-        toward the other's detached distribution.
-        """
+    def in_batch_sims(self, image_feat, text_feat):
+        """(sim_i2t, sim_t2i) over the batch only (GRIT-VLP): the keys are the other modality's features,
+        detached as in GRIT (each direction trains one tower, as with ALBEF's momentum keys)."""
         temp = self.temp.float()
-        sim_i2t = image_feat @ text_feat.detach().t() / temp
-        sim_t2i = text_feat @ image_feat.detach().t() / temp
-        targets = objectives.itc_targets(None, positives.float(), 0)
-        loss = (objectives.soft_target_ce(sim_i2t, targets) + objectives.soft_target_ce(sim_t2i, targets.t())) / 2
+        return image_feat @ text_feat.detach().t() / temp, text_feat @ image_feat.detach().t() / temp
+
+    def in_batch_itc_loss(self, sim_i2t, sim_t2i, targets_i2t, targets_t2i):
+        """Soft-target ITC over in-batch similarities; with ``itc_consistency_weight`` > 0 each direction is
+        also pulled toward the other's detached distribution (GRIT's consistency term)."""
+        loss = (objectives.soft_target_ce(sim_i2t, targets_i2t) + objectives.soft_target_ce(sim_t2i, targets_t2i)) / 2
         if self.itc_consistency > 0:
             with torch.no_grad():
                 p_i2t, p_t2i = sim_i2t.float().softmax(1), sim_t2i.float().softmax(1)
             consistency = (objectives.soft_target_ce(sim_i2t, p_t2i) + objectives.soft_target_ce(sim_t2i, p_i2t)) / 2
             loss = loss + self.itc_consistency * consistency
-        return loss, sim_i2t, sim_t2i
+        return loss
+
+    def itc_in_batch(self, image_feat, text_feat, positives):
+        """GRIT's ITC: in-batch similarities, targets spread over ``positives``. Returns (loss, sims)."""
+        sim_i2t, sim_t2i = self.in_batch_sims(image_feat, text_feat)
+        targets = objectives.itc_targets(None, positives.float(), 0)
+        return self.in_batch_itc_loss(sim_i2t, sim_t2i, targets, targets.t()), sim_i2t, sim_t2i
 
     def itm(self, text_embeds, text_atts, image_embeds, sim_i2t, sim_t2i, positives, hard=None):
         """ITM on bs positives + bs (text, hard image) + bs (hard text, image) pairs.

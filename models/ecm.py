@@ -39,10 +39,9 @@ def hardest_two(sim, positives):
 
 def decide(scores, low, high):
     """Filter match probabilities -> CONNECTION / NEGATIVE / AMBIGUOUS per anchor (see module docstring)."""
-    out = torch.full_like(scores, AMBIGUOUS, dtype=torch.long)
-    out[scores >= high] = CONNECTION
-    out[scores < low] = NEGATIVE
-    return out
+    ambiguous = torch.full_like(scores, AMBIGUOUS, dtype=torch.long)
+    out = torch.where(scores >= high, torch.full_like(ambiguous, CONNECTION), ambiguous)
+    return torch.where(scores < low, torch.full_like(ambiguous, NEGATIVE), out)   # torch.where: no host sync
 
 
 def itm_negatives(first, second, decision):

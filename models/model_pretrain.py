@@ -105,9 +105,7 @@ class ALBEF(ALBEFBase):
     def forward_mafa(self, image, input_ids, attention_mask, image_embeds, image_feat, text_embeds, text_feat):
         """MAFA: ECM on the in-batch hardest negatives, then S-ITC, corrected ITM and MLM on new positives."""
         bs, dev = image.shape[0], image.device
-        temp = self.temp.float()
-        sim_i2t = image_feat @ text_feat.detach().t() / temp
-        sim_t2i = text_feat @ image_feat.detach().t() / temp
+        sim_i2t, sim_t2i = self.in_batch_sims(image_feat, text_feat)
         positives = torch.eye(bs, dtype=torch.bool, device=dev)
         with torch.no_grad():
             ecm = self._discriminator[0].mine(sim_i2t.detach(), sim_t2i.detach(), positives, image, input_ids,
@@ -115,17 +113,13 @@ class ALBEF(ALBEFBase):
         conn_i2t, conn_t2i = ecm["i2t"] == ecm_lib.CONNECTION, ecm["t2i"] == ecm_lib.CONNECTION
         smoothing = self.itc_smoothing if self.epoch >= self.smoothing_start_epoch else 0.0
         t_i2t, t_t2i = ecm_lib.s_itc_targets(bs, conn_i2t, ecm["n1"], conn_t2i, ecm["m1"], smoothing, dev)
-        loss_ita = (objectives.soft_target_ce(sim_i2t, t_i2t) + objectives.soft_target_ce(sim_t2i, t_t2i)) / 2
-        if self.itc_consistency > 0:
-            with torch.no_grad():
-                p_i2t, p_t2i = sim_i2t.float().softmax(1), sim_t2i.float().softmax(1)
-            loss_ita = loss_ita + self.itc_consistency * (objectives.soft_target_ce(sim_i2t, p_t2i) +
-                                                          objectives.soft_target_ce(sim_t2i, p_i2t)) / 2
+        loss_ita = self.in_batch_itc_loss(sim_i2t, sim_t2i, t_i2t, t_t2i)
         neg_img, lab_t2i = ecm_lib.itm_negatives(ecm["m1"], ecm["m2"], ecm["t2i"])
         neg_txt, lab_i2t = ecm_lib.itm_negatives(ecm["n1"], ecm["n2"], ecm["i2t"])
         loss_itm, _ = self.itm_pairs(text_embeds, attention_mask, image_embeds, neg_img, neg_txt,
                                      torch.cat([lab_t2i, lab_i2t]), torch.ones(2 * bs, device=dev))
-        # MLM also on the new positive pairs, each with its own masking
+        # MLM also on the new positive pairs, each with its own masking (their number sets the MLM batch:
+        # the step's one host sync, as in MAFA)
         rows = torch.arange(bs, device=dev)
         extra_txt = torch.cat([ecm["n1"][conn_i2t], rows[conn_t2i]])
         extra_img = torch.cat([rows[conn_i2t], ecm["m1"][conn_t2i]])
