@@ -199,12 +199,14 @@ class GroupedSampler(ResumableDistributedSampler):
             raise ValueError(f"GRIT order for epoch {epoch} has {len(order)} indices, expected {need}")
         self.orders = {epoch: order}
 
-    def epoch_indices(self):
-        order = self.orders.get(self.epoch)
+    def epoch_indices(self, epoch=None, rank=None):
+        epoch = self.epoch if epoch is None else epoch
+        rank = self.rank if rank is None else rank
+        order = self.orders.get(epoch)
         if order is None:
-            return super().epoch_indices()
+            return super().epoch_indices(epoch, rank)
         per_rank = self.num_batches * self.batch_size
-        return torch.from_numpy(order[self.rank * per_rank:(self.rank + 1) * per_rank].copy())
+        return torch.from_numpy(order[rank * per_rank:(rank + 1) * per_rank].copy())
 
 
 class Grit:
@@ -227,21 +229,13 @@ class Grit:
         """Collective: every rank calls it. Sets the sampler's order for ``epoch + 1``; returns stats."""
         order, stats = self.collector.finish()
         gathered = all_gather_object((order, stats))
-        epoch_order = np.concatenate([self._rank_indices(epoch, r) for r in range(self.world)])
+        epoch_order = np.concatenate([self.sampler.epoch_indices(epoch, r).numpy() for r in range(self.world)])
         nxt = next_epoch_order([o for o, _ in gathered], epoch_order, self.batch, self.sampler.num_batches,
                                self.world, self.seed, epoch, self.n)
         self.sampler.set_order(epoch + 1, nxt)
         rnd = [s["random"] for _, s in gathered]
         grp = [s["grouped"] for _, s in gathered]
         return {"grit_hardness_random": float(np.nanmean(rnd)), "grit_hardness_grouped": float(np.nanmean(grp))}
-
-    def _rank_indices(self, epoch, rank):
-        saved = self.sampler.rank, self.sampler.epoch
-        self.sampler.rank, self.sampler.epoch = rank, epoch
-        try:
-            return self.sampler.epoch_indices().numpy()
-        finally:
-            self.sampler.rank, self.sampler.epoch = saved
 
     def state_dict(self):
         """Collective (gathers every rank's queue): every rank calls it."""

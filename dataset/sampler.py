@@ -23,14 +23,17 @@ class ResumableDistributedSampler(Sampler):
     def set_epoch(self, epoch, start_batch=0):
         self.epoch, self.start_batch = epoch, start_batch
 
-    def epoch_indices(self):
+    def epoch_indices(self, epoch=None, rank=None):
+        """The whole epoch's indices of ``rank`` (this sampler's epoch and rank by default)."""
+        epoch = self.epoch if epoch is None else epoch
+        rank = self.rank if rank is None else rank
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            g = torch.Generator().manual_seed(self.seed + epoch)
             order = torch.randperm(self.n, generator=g)
         else:
             order = torch.arange(self.n)
         per_rank = self.num_batches * self.batch_size
-        return order[:per_rank * self.num_replicas][self.rank::self.num_replicas]
+        return order[:per_rank * self.num_replicas][rank::self.num_replicas]
 
     def __iter__(self):
         idx = self.epoch_indices()[self.start_batch * self.batch_size:]
