@@ -16,13 +16,12 @@ import argparse
 import json
 import os
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from dataset import TextCollate
 from dataset.caption_dataset import pre_caption, re_train_dataset
-from dataset.grit import greedy_walk
+from dataset.grit import GritCollector
 from dataset.transforms import test_transform
 from engine.config import load_config
 from models.ecm import CONNECTION, NEGATIVE, build_discriminator
@@ -68,15 +67,11 @@ def mine(filter_config, filter_checkpoint, data, image_root, batch_size=32, grou
     images, img_f, txt_f = torch.cat(images), torch.cat(img_f), torch.cat(txt_f)
     order = torch.cat(order).numpy()
     pos = {int(item): j for j, item in enumerate(order)}   # item index -> row of the cached tensors
-    # GRIT grouping over the filter's features: shuffle, then walk each search space
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(order), generator=g).numpy()
+    # GRIT grouping over the filter's features: the training collector, with one queue holding every pair
     space = batch_size * group_batches
-    grouped = []
-    for s in range(0, len(perm), space):
-        p = perm[s:s + space]
-        grouped.append(p[greedy_walk(img_f[p], txt_f[p], int(torch.randint(len(p), (1,), generator=g)))])
-    grouped = order[np.concatenate(grouped)]
+    collector = GritCollector(space * -(-len(order) // space), space, img_f.shape[1], batch_size, seed, img_f.device)
+    collector.push(img_f, txt_f, torch.from_numpy(order))
+    grouped, _ = collector.finish()
     ann = ds.ann
     wrt_img, wrt_txt = [], []
     counts = {"connections": 0, "negatives": 0, "ambiguous": 0, "candidates": 0}
