@@ -30,8 +30,9 @@ def test_walk_is_a_permutation_and_equals_the_original_procedure(m):
         assert walk.tolist() == reference_walk(img, txt, start).tolist()
 
 
-def test_walk_stays_a_permutation_where_the_originals_probabilities_underflow():
-    # one tight cluster and far outliers at a tiny temperature: GRIT's zeroed softmax rows underflow
+def test_walk_stays_a_permutation_across_a_tight_cluster_and_far_outliers():
+    # leaving the cluster, every unvisited similarity is far below the visited ones: at GRIT's small
+    # temperatures the original's softmax row is all zeros there and its choice is a tie-break
     img = torch.cat([torch.ones(6, 4), -torch.ones(2, 4)]) + 1e-3 * torch.arange(32.0).view(8, 4)
     img = F.normalize(img, dim=1)
     walk = greedy_walk(img, img.clone(), start=0)
