@@ -2,7 +2,7 @@
 
 Runs as one process, or under ``torchrun`` / ``python -m torch.distributed.launch --use_env``.
 """
-from dataset import TextCollate, create_dataset
+from dataset import TextCollate, batch_concepts, create_dataset
 from engine.config import base_parser, parse_launcher
 from engine.retrieval_eval import Results, evaluate_split
 from engine.trainer import Trainer, build
@@ -30,11 +30,12 @@ def main():
     if config.get("ecm"):   # MAFA: false-negative mining with a frozen, finetuned filter
         model.set_discriminator(build_discriminator(config["ecm"], tokenizer, env.device))
     dataset = create_dataset("pretrain", config, seed=args.seed)
-    collate = TextCollate(tokenizer, max_length=config.get("max_tokens", 25))
+    collate = TextCollate(tokenizer, max_length=config.get("max_tokens", 25),
+                          vc_max_tokens=config.get("vc_max_tokens", 55))
 
     def step(model, batch, alpha):
         text = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        return model(batch["image"], text, alpha=alpha, idx=batch["idx"])
+        return model(batch["image"], text, alpha=alpha, idx=batch["idx"], concepts=batch_concepts(batch))
 
     trainer = Trainer(args, config, env, model, dataset, collate, step)
     if config.get("test_file"):

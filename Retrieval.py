@@ -8,7 +8,7 @@ evaluated once, with that checkpoint. Results go to ``output_dir/results.jsonl``
 """
 import os
 
-from dataset import TextCollate, create_dataset
+from dataset import TextCollate, batch_concepts, create_dataset
 from engine.config import base_parser, parse_launcher
 from engine.retrieval_eval import Results, evaluate_split
 from engine.trainer import Trainer, autocast_context, build
@@ -40,11 +40,12 @@ def main():
     train = create_dataset("re_train", config, seed=args.seed)
     # ALBEF: padding='longest', max_length=30 without truncation
     collate = TextCollate(tokenizer, max_length=config.get("max_tokens", 30),
-                          truncation=config.get("max_tokens") is not None)
+                          truncation=config.get("max_tokens") is not None,
+                          vc_max_tokens=config.get("vc_max_tokens", 55))
 
     def step(m, batch, alpha):
         text = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        return m(batch["image"], text, alpha=alpha, idx=batch["idx"])
+        return m(batch["image"], text, alpha=alpha, idx=batch["idx"], concepts=batch_concepts(batch))
 
     config.setdefault("eval_every", 1)   # ALBEF evaluates after every epoch
     trainer = Trainer(args, config, env, model, train, collate, step, batch_size_key="batch_size_train",

@@ -65,7 +65,7 @@ def main():
         ctx = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.dtype == "bf16")
         with torch.no_grad(), ctx:
             atts, txt_states, txt_feats = encode_texts(model, tok, ds.text, dev)
-            img_states, img_feats, _ = encode_images(model, ds, dev, num_workers=2)
+            img_states, img_atts, img_feats, _ = encode_images(model, ds, dev, num_workers=2, tokenizer=tok)
             sims = img_feats.float() @ txt_feats.float().t()
             print(f"{len(ds)} images, {len(ds.text)} captions, k_test {a.k_test}, {a.device} {a.dtype}, "
                   f"{torch.get_num_threads()} threads")
@@ -80,14 +80,14 @@ def main():
                 return out, time.perf_counter() - t
 
             (i2t, t2i), t_fast = timed(lambda: score_matrices(model, sims, img_states, txt_states, atts, a.k_test,
-                                                              a.pair_batch))
+                                                              a.pair_batch, image_atts=img_atts))
             print(f"fast     {t_fast:8.1f} s", flush=True)
             ni, nt = sims.shape
             g = torch.Generator().manual_seed(0)
             rows_i = torch.randperm(ni, generator=g)[:a.ref_queries].tolist() if a.ref_queries else list(range(ni))
             rows_t = torch.randperm(nt, generator=g)[:5 * a.ref_queries].tolist() if a.ref_queries else list(range(nt))
             (r_i2t, r_t2i), t_ref = timed(lambda: reference_scores(model, sims, img_states, txt_states, atts,
-                                                                   a.k_test, rows_i, rows_t))
+                                                                   a.k_test, rows_i, rows_t, img_atts))
             t_ref *= (ni + nt) / (len(rows_i) + len(rows_t))
             note = (f"  (timed on {len(rows_i)} image + {len(rows_t)} text queries of {ni} + {nt}, scaled)"
                     if a.ref_queries else "")

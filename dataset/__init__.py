@@ -5,36 +5,70 @@ from dataset.caption_dataset import pretrain_dataset, re_eval_dataset, re_train_
 from dataset.transforms import test_transform, train_transform
 
 
+def concept_options(config, train=True):
+    """``sample_concepts`` options from ViCHA's keys, or None without ``kw_img_model``. Evaluation uses every
+    concept in order (ViCHA's downstream configs: no ``randkw_p``)."""
+    if not config.get("kw_img_model"):
+        return None
+    p = config.get("randkw_p") if train else None
+    if p is not None and not 0 < float(p) <= 1:
+        raise ValueError(f"config key 'randkw_p' must be in (0, 1] or null, got {p!r}")
+    return {"p": None if p is None else float(p), "replacement": bool(config.get("vc_sample_replacement", False)),
+            "sep_token": bool(config.get("sep_token", False))}
+
+
 def create_dataset(name, config, seed=0):
     res = config["image_res"]
     root = config.get("image_root")
     if name == "pretrain":
         tf = train_transform(res, config.get("train_crop_scale", (0.2, 1.0)), config.get("randaugment", True))
-        return pretrain_dataset(config["train_file"], tf, config.get("max_words", 30), image_root=root, seed=seed)
+        return pretrain_dataset(config["train_file"], tf, config.get("max_words", 30), image_root=root, seed=seed,
+                                concepts=concept_options(config))
     if name == "re_train":
         tf = train_transform(res, config.get("train_crop_scale", (0.5, 1.0)), config.get("randaugment", True))
-        return re_train_dataset(config["train_file"], tf, root, config.get("max_words", 30), seed=seed)
+        return re_train_dataset(config["train_file"], tf, root, config.get("max_words", 30), seed=seed,
+                                concepts=concept_options(config))
     if name in ("re_val", "re_test"):
         key = "val_file" if name == "re_val" else "test_file"
         return re_eval_dataset(config[key], test_transform(res), root, config.get("max_words", 30),
-                               config_key=key, image_res=res)
+                               config_key=key, image_res=res, concepts=concept_options(config, train=False))
     raise ValueError(f"unknown dataset {name!r}")
 
 
 class TextCollate:
-    """Stack images, tokenize captions in the worker (ALBEF's per-script settings), pass bad paths on."""
+    """Stack images, tokenize captions in the worker (ALBEF's per-script settings), pass bad paths on.
 
-    def __init__(self, tokenizer, max_length=25, padding="longest", truncation=True):
+    Samples with a fifth item (ViCHA's concept string) also get ``kw_input_ids`` / ``kw_attention_mask``,
+    padded to the batch's longest and truncated at ``vc_max_tokens`` (ViCHA: 55).
+    """
+
+    def __init__(self, tokenizer, max_length=25, padding="longest", truncation=True, vc_max_tokens=55):
         self.tokenizer, self.max_length = tokenizer, max_length
         self.padding, self.truncation = padding, truncation
+        self.vc_max_tokens = vc_max_tokens
 
     def __call__(self, batch):
-        images, captions, idx, bad = zip(*batch)
+        images, captions, idx, bad = list(zip(*batch))[:4]
         text = self.tokenizer(list(captions), padding=self.padding, truncation=self.truncation,
                               max_length=self.max_length)
-        return {"image": torch.stack(images), "input_ids": text["input_ids"],
-                "attention_mask": text["attention_mask"], "idx": torch.tensor(idx, dtype=torch.long),
-                "bad": [p for b in bad for p in b], "n": len(images)}
+        out = {"image": torch.stack(images), "input_ids": text["input_ids"],
+               "attention_mask": text["attention_mask"], "idx": torch.tensor(idx, dtype=torch.long),
+               "bad": [p for b in bad for p in b], "n": len(images)}
+        if len(batch[0]) > 4:
+            kw = tokenize_concepts(self.tokenizer, [b[4] for b in batch], self.vc_max_tokens)
+            out["kw_input_ids"], out["kw_attention_mask"] = kw
+        return out
+
+
+def tokenize_concepts(tokenizer, strings, max_tokens=55):
+    """(ids, mask) of concept strings: right-padded to the longest, at training and at evaluation alike."""
+    t = tokenizer(list(strings), padding="longest", truncation=True, max_length=max_tokens)
+    return t["input_ids"], t["attention_mask"]
+
+
+def batch_concepts(batch):
+    """The model's ``concepts`` argument from a collated batch (None without visual concepts)."""
+    return (batch["kw_input_ids"], batch["kw_attention_mask"]) if "kw_input_ids" in batch else None
 
 
 def eval_collate(batch):

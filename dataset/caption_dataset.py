@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from dataset.utils import pre_caption
+from dataset.utils import pre_caption, sample_concepts
 
 Image.MAX_IMAGE_PIXELS = None   # large web images are fine; truncated ones are not (they are skipped)
 
@@ -79,16 +79,47 @@ def seeded(seed):
             np.random.set_state(npst)
 
 
+def require_kwords(ann, path):
+    """Every entry needs ViCHA's ``kwords`` (a list of strings) when visual concepts are on."""
+    for i, a in enumerate(ann):
+        kw = a.get("kwords")
+        if not isinstance(kw, list) or not all(isinstance(w, str) for w in kw):
+            what = "missing field 'kwords'" if kw is None else "field 'kwords' must be a list of strings"
+            raise AnnotationError(f"{path!r}, entry {i}: {what} (config key 'kw_img_model' is true; "
+                                  "tools/visual_concepts.py writes it)")
+
+
 class ImageTextDataset(Dataset):
-    """Base: robust image reading and per-sample seeding. Subclasses define ``entries`` and ``make``."""
+    """Base: robust image reading and per-sample seeding. Subclasses define ``entries`` and ``make``.
+
+    ``concepts`` (a dict of ``sample_concepts`` options, or None) adds ViCHA's visual-concept string to
+    every sample, drawn from the entry's ``kwords`` with the sample's seed (so a resumed run draws the same).
+    """
 
     max_consecutive_bad = 50
 
-    def __init__(self, transform, image_root=None, seed=0):
+    def __init__(self, transform, image_root=None, seed=0, concepts=None):
         self.transform = transform
         self.image_root = image_root
         self.seed = seed
         self.epoch = 0
+        self.concepts = concepts
+
+    def _load(self, files, required, config_key):
+        ann = []
+        for f in as_list(files):
+            part = read_json_list(f, required, config_key)
+            if self.concepts is not None:
+                require_kwords(part, f)
+            ann += part
+        return ann
+
+    def concept_string(self, entry, i):
+        rng = random.Random(self.sample_seed(i) ^ 0x5bd1e995)
+        return sample_concepts(entry["kwords"], rng=rng, **self.concepts)
+
+    def with_concepts(self, sample, entry, i):
+        return sample if self.concepts is None else (*sample, self.concept_string(entry, i))
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -120,11 +151,10 @@ class ImageTextDataset(Dataset):
 class pretrain_dataset(ImageTextDataset):
     """Items ``{'image': path, 'caption': str | [str, ...]}``; returns (image, caption, index, bad)."""
 
-    def __init__(self, ann_file, transform, max_words=30, image_root=None, seed=0, config_key="train_file"):
-        super().__init__(transform, image_root, seed)
-        self.ann = []
-        for f in as_list(ann_file):
-            self.ann += read_json_list(f, {"image": str, "caption": (str, list)}, config_key)
+    def __init__(self, ann_file, transform, max_words=30, image_root=None, seed=0, config_key="train_file",
+                 concepts=None):
+        super().__init__(transform, image_root, seed, concepts)
+        self.ann = self._load(ann_file, {"image": str, "caption": (str, list)}, config_key)
         self.max_words = max_words
 
     def __len__(self):
@@ -138,17 +168,16 @@ class pretrain_dataset(ImageTextDataset):
         cap = self.ann[i]["caption"]
         if isinstance(cap, list):
             cap = random.Random(self.sample_seed(i)).choice(cap)
-        return image, pre_caption(cap, self.max_words), i, bad
+        return self.with_concepts((image, pre_caption(cap, self.max_words), i, bad), self.ann[i], i)
 
 
 class re_train_dataset(ImageTextDataset):
     """Items ``{'image', 'caption': str, 'image_id'}``; returns (image, caption, image index, bad)."""
 
-    def __init__(self, ann_file, transform, image_root, max_words=30, seed=0, config_key="train_file"):
-        super().__init__(transform, image_root, seed)
-        self.ann = []
-        for f in as_list(ann_file):
-            self.ann += read_json_list(f, {"image": str, "caption": str, "image_id": (str, int)}, config_key)
+    def __init__(self, ann_file, transform, image_root, max_words=30, seed=0, config_key="train_file",
+                 concepts=None):
+        super().__init__(transform, image_root, seed, concepts)
+        self.ann = self._load(ann_file, {"image": str, "caption": str, "image_id": (str, int)}, config_key)
         self.max_words = max_words
         self.img_ids = {}
         for a in self.ann:
@@ -163,19 +192,24 @@ class re_train_dataset(ImageTextDataset):
     def __getitem__(self, index):
         image, i, bad = self.read(index)
         a = self.ann[i]
-        return image, pre_caption(a["caption"], self.max_words), self.img_ids[a["image_id"]], bad
+        return self.with_concepts((image, pre_caption(a["caption"], self.max_words), self.img_ids[a["image_id"]],
+                                   bad), a, i)
 
 
 class re_eval_dataset(ImageTextDataset):
     """Items ``{'image', 'caption': [str, ...]}``; one item per image, texts flattened in order.
 
     An unreadable image becomes a blank one (skipping would change the metric's denominator) and is counted.
+    With ``concepts``, ``concept_text[i]`` is image i's concept string (evaluation draws nothing at random:
+    give ``p: None`` to use all, as ViCHA's downstream configs do).
     """
 
-    def __init__(self, ann_file, transform, image_root, max_words=30, config_key="test_file", image_res=256):
-        super().__init__(transform, image_root)
+    def __init__(self, ann_file, transform, image_root, max_words=30, config_key="test_file", image_res=256,
+                 concepts=None):
+        super().__init__(transform, image_root, concepts=concepts)
         self.image_res = image_res
-        self.ann = read_json_list(ann_file, {"image": str, "caption": (list, str)}, config_key)
+        self.ann = self._load(ann_file, {"image": str, "caption": (list, str)}, config_key)
+        self.concept_text = [self.concept_string(a, i) for i, a in enumerate(self.ann)] if concepts else None
         self.text, self.image, self.txt2img, self.img2txt = [], [], {}, {}
         for img_id, a in enumerate(self.ann):
             self.image.append(a["image"])

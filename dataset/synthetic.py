@@ -195,6 +195,9 @@ def build_world(out, seed=0, n_train=3000, n_val=200, n_test=200, captions_per_i
                                 if recs[j] is not r and matches(spec, recs[j]["scene"]))
                 fn.setdefault(s, []).append({"image_id": r["image_id"], "caption": c, "false_negatives": others})
     dump(fn, "false_negatives.json")
+    # candidate visual concepts for tools/visual_concepts.py (ViCHA mines nouns; here the shapes are the
+    # only nouns, so colours and sizes join them)
+    dump(list(SHAPES) + list(COLORS) + list(SIZES), "vc_vocab.json")
     write_vocab(os.path.join(out, "vocab"))
     stats = {s: {"images": len(recs), "captions": sum(len(r["captions"]) for r in recs),
                  "captions_with_false_negatives": sum(1 for x in fn.get(s, []) if x["false_negatives"])}

@@ -1,4 +1,5 @@
-"""Text cleaning exactly as ALBEF (spec §0.2)."""
+"""Text cleaning exactly as ALBEF (spec §0.2), and the drawing of ViCHA's visual concepts."""
+import random
 import re
 
 _DROP = re.compile(r"[,.'!?\"()*#:;~]")
@@ -21,3 +22,14 @@ def pre_question(question, max_ques_words=30):
     if len(words) > max_ques_words:
         question = " ".join(words[:max_ques_words])
     return question
+
+
+def sample_concepts(kwords, p=None, rng=None, replacement=False, sep_token=False):
+    """One image's concept string. ``p`` None keeps all in their (similarity) order; otherwise
+    ``int(p * len(kwords))`` are drawn in random order, with or without replacement (ViCHA: with)."""
+    words = list(kwords)
+    if p is not None and words:
+        rng = rng or random
+        n = int(p * len(words))
+        words = rng.choices(words, k=n) if replacement else rng.sample(words, min(n, len(words)))
+    return (" [SEP] " if sep_token else " ").join(words)

@@ -17,11 +17,13 @@ MODEL_KEYS = {
     "use_momentum", "itc_consistency_weight", "itm_negative_selection", "itc_label_smoothing",
     "smoothing_start_epoch", "return_hidden_state", "num_hidden_align", "ita_hidden_weight", "ita_hidden_weights",
     "mae", "mask_ratio", "unimodal_mae", "mae_lambda", "mim_decoder_heads",
+    "kw_img_model", "num_hidden_layers_kw", "vc_mask_padding",
 }
 DATA_KEYS = {
     "train_file", "val_file", "test_file", "image_root", "vqa_root", "vg_root", "answer_list", "eos",
     "refcoco_data", "det_file", "coco_file", "max_words", "max_tokens", "eval_max_tokens", "train_crop_scale",
     "randaugment", "num_workers", "max_bad_image_fraction",
+    "kw_img_dataset", "randkw_p", "sep_token", "vc_max_tokens", "vc_sample_replacement", "num_kws",
 }
 TRAIN_KEYS = {
     "batch_size", "batch_size_train", "batch_size_test", "warm_up", "eval_ema", "precision", "compile",

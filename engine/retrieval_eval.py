@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from dataset import eval_collate
+from dataset import eval_collate, tokenize_concepts
 from engine.distributed import all_reduce_sum, get_rank, get_world_size
 from models.xbert import SELF_ATTN_MASK_VALUE
 
@@ -46,15 +46,30 @@ def encode_texts(model, tokenizer, texts, device, max_length=30, chunk=256):
 
 
 @torch.no_grad()
-def encode_images(model, dataset, device, batch_size=64, num_workers=2):
-    """(image token states [Ni, 1+N, D], normalised ITC features [Ni, E], unreadable image paths)."""
+def encode_images(model, dataset, device, batch_size=64, num_workers=2, tokenizer=None, vc_max_tokens=55):
+    """(image token states [Ni, T, D], their attention masks [Ni, T], normalised ITC features [Ni, E],
+    unreadable image paths).
+
+    With visual concepts, each batch's concepts are padded to that batch's longest, as in training; the
+    states are then zero-padded to the longest batch, padding masked (a prefix of ones per image).
+    """
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=eval_collate)
-    states, feats, bad = [], [], []
+    concept_text = getattr(dataset, "concept_text", None)
+    if getattr(model, "use_concepts", False) and (concept_text is None or tokenizer is None):
+        raise ValueError("kw_img_model: evaluation needs the dataset's concepts ('kwords') and the tokenizer")
+    states, atts, feats, bad = [], [], [], []
     for batch in loader:
-        h, f = model.encode_image(batch["image"].to(device))
-        states.append(h), feats.append(f), bad.extend(batch["bad"])
-    return torch.cat(states), torch.cat(feats), bad
+        concepts = None
+        if getattr(model, "use_concepts", False):
+            ids, mask = tokenize_concepts(tokenizer, [concept_text[i] for i in batch["idx"].tolist()], vc_max_tokens)
+            concepts = (ids.to(device), mask.to(device))
+        h, f = model.encode_image(batch["image"].to(device), concepts=concepts)
+        states.append(h), atts.append(model.image_atts(h, concepts)), feats.append(f), bad.extend(batch["bad"])
+    t = max(h.shape[1] for h in states)
+    states = torch.cat([F.pad(h, (0, 0, 0, t - h.shape[1])) for h in states])
+    atts = torch.cat([F.pad(a, (0, t - a.shape[1])) for a in atts])
+    return states, atts, torch.cat(feats), bad
 
 
 # ---------------------------------------------------------------------------------------------- fast scorer
@@ -190,8 +205,10 @@ def _kv_bytes(scorer, image_states):
 
 
 @torch.no_grad()
-def score_matrices(model, sims, image_states, text_states, text_atts, k, pair_batch=1024, kv_budget=2 ** 29):
-    """(i2t [Ni, Nt], t2i [Nt, Ni]) score matrices of ALBEF's procedure (see the module docstring)."""
+def score_matrices(model, sims, image_states, text_states, text_atts, k, pair_batch=1024, kv_budget=2 ** 29,
+                   image_atts=None):
+    """(i2t [Ni, Nt], t2i [Nt, Ni]) score matrices of ALBEF's procedure (see the module docstring).
+    ``image_atts`` [Ni, T] masks image tokens (a prefix of ones per image: concepts and their padding)."""
     ni, nt = sims.shape
     i2t_ids, t2i_ids = topk_pairs(sims, k)
     pairs = torch.unique(torch.cat([i2t_ids.reshape(-1), t2i_ids.reshape(-1)]))   # sorted: grouped by image
@@ -213,6 +230,9 @@ def score_matrices(model, sims, image_states, text_states, text_atts, k, pair_ba
     dev = sims.device
     cat = lambda j: torch.from_numpy(np.concatenate([p[j] for p in packs]) if packs else np.zeros(0, int)).to(dev)  # noqa: E731
     src_all, starts_all, slot_all, lengths_all = cat(0), cat(1), cat(2), cat(3)
+    # masked image tokens sit at the end of each image's states: attending to a prefix is exact
+    n_img = (image_atts.sum(1).cpu().numpy() if image_atts is not None
+             else np.full(ni, image_states.shape[1]))
     # Images in blocks whose cross-attention keys/values are projected once.
     block = max(1, int(kv_budget // max(1, _kv_bytes(scorer, image_states))))
     out, kv, kv_first, tok, row = [], None, -1, 0, 0
@@ -220,7 +240,8 @@ def score_matrices(model, sims, image_states, text_states, text_atts, k, pair_ba
         if kv is None or not kv_first <= i < kv_first + block:
             kv_first = i
             kv = scorer.image_kv(torch.arange(i, min(ni, i + block), device=dev))
-        kv_i = [(k_[i - kv_first], v_[i - kv_first]) for k_, v_ in kv]
+        m = int(n_img[i])
+        kv_i = [(k_[i - kv_first][:, :m], v_[i - kv_first][:, :m]) for k_, v_ in kv]
         t, p = len(src), len(sel)
         out.append(scorer(kv_i, src_all[tok:tok + t], starts_all[row:row + p], slot_all[tok:tok + t],
                           lengths_all[row:row + p], n))
@@ -242,37 +263,44 @@ def score_matrices(model, sims, image_states, text_states, text_atts, k, pair_ba
 
 @torch.no_grad()
 def evaluation(model, dataset, tokenizer, device, k_test=256, max_length=30, pair_batch=1024, batch_size=64,
-               num_workers=2, autocast=None):
+               num_workers=2, autocast=None, vc_max_tokens=55):
     """Returns (i2t scores, t2i scores, ITC similarities) as numpy arrays and the unreadable image paths."""
     model.eval()
     ctx = autocast() if autocast else torch.autocast(device.type, enabled=False)
     with ctx:
         text_atts, text_states, text_feats = encode_texts(model, tokenizer, dataset.text, device, max_length)
-        image_states, image_feats, bad = encode_images(model, dataset, device, batch_size, num_workers)
+        image_states, image_atts, image_feats, bad = encode_images(model, dataset, device, batch_size, num_workers,
+                                                                   tokenizer, vc_max_tokens)
         sims = image_feats.float() @ text_feats.float().t()
-        i2t, t2i = score_matrices(model, sims, image_states, text_states, text_atts, k_test, pair_batch)
+        i2t, t2i = score_matrices(model, sims, image_states, text_states, text_atts, k_test, pair_batch,
+                                  image_atts=image_atts)
     return i2t.cpu().numpy(), t2i.cpu().numpy(), sims.cpu().numpy(), bad
 
 
 # ---------------------------------------------------------------------------------------------- reference
 @torch.no_grad()
-def reference_scores(model, sims, image_states, text_states, text_atts, k, image_rows=None, text_rows=None):
+def reference_scores(model, sims, image_states, text_states, text_atts, k, image_rows=None, text_rows=None,
+                     image_atts=None):
     """ALBEF's loop: one fusion pass of k pairs per image and per text (slow; for tests and benchmarks).
 
     ``image_rows`` / ``text_rows`` restrict it to some queries (the other rows stay at -100).
     """
     ni, nt = sims.shape
+    if image_atts is None:
+        image_atts = torch.ones(image_states.shape[:2], dtype=torch.long, device=image_states.device)
     i2t = torch.full((ni, nt), FILL, device=sims.device)
     for i in range(ni) if image_rows is None else image_rows:
         top = sims[i].topk(min(k, nt))
         enc = image_states[i].repeat(len(top.indices), 1, 1)
-        cls = model.fuse(text_states[top.indices], text_atts[top.indices], enc)
+        cls = model.fuse(text_states[top.indices], text_atts[top.indices], enc,
+                         image_atts[i].repeat(len(top.indices), 1))
         i2t[i, top.indices] = model.itm_head(cls)[:, 1].float()
     t2i = torch.full((nt, ni), FILL, device=sims.device)
     for j in range(nt) if text_rows is None else text_rows:
         top = sims[:, j].topk(min(k, ni))
         n = len(top.indices)
-        cls = model.fuse(text_states[j].repeat(n, 1, 1), text_atts[j].repeat(n, 1), image_states[top.indices])
+        cls = model.fuse(text_states[j].repeat(n, 1, 1), text_atts[j].repeat(n, 1), image_states[top.indices],
+                         image_atts[top.indices])
         t2i[j, top.indices] = model.itm_head(cls)[:, 1].float()
     return i2t, t2i
 
@@ -302,7 +330,8 @@ def evaluate_split(model, dataset, tokenizer, config, device, autocast=None):
                                   max_length=config.get("eval_max_tokens", 30),
                                   pair_batch=config.get("eval_pair_batch", 1024),
                                   batch_size=config.get("batch_size_test", 64),
-                                  num_workers=config.get("num_workers", 2), autocast=autocast)
+                                  num_workers=config.get("num_workers", 2), autocast=autocast,
+                                  vc_max_tokens=config.get("vc_max_tokens", 55))
     metrics = itm_eval(i2t, t2i, dataset.txt2img, dataset.img2txt)
     if bad:
         metrics["bad_images"] = len(bad)

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import concepts as vc
 from models import objectives
 from models.checkpoint import init_text_encoder, init_visual_encoder
 from models.momentum import MomentumMixin
@@ -48,7 +49,14 @@ class ALBEFBase(MomentumMixin, nn.Module):
         if config.get("text_encoder"):
             init_text_encoder(self.text_encoder, config["text_encoder"])
         self.momentum = config.get("momentum", 0.995)
+        vc.build_concept_encoder(self, config, bc)   # ViCHA's visual concepts (kw_img_model: true)
         return bc
+
+    def make_momentum(self, *names):
+        """Momentum copies; the concept encoder follows the image encoder (ViCHA's kw_encoder_m, kw_proj_m)."""
+        if getattr(self, "use_concepts", False) and "visual_encoder" in names:
+            names = names + ("kw_encoder", "kw_proj")
+        super().make_momentum(*names)
 
     def build_contrastive_heads(self, config):
         vw, tw, ed = config.get("vision_width", 768), self.bert_config.hidden_size, config["embed_dim"]
@@ -107,16 +115,41 @@ class ALBEFBase(MomentumMixin, nn.Module):
         return self.text_encoder_m.bert if hasattr(self.text_encoder_m, "bert") else self.text_encoder_m
 
     # ---- encoders
-    def encode_image(self, image, momentum=False, hidden=False):
+    def encode_image(self, image, momentum=False, hidden=False, concepts=None):
         """(token states, normalised ITC feature) and with ``hidden`` each block's output through the final
-        norm (as ViCHA aligns them)."""
-        enc, proj = ((self.visual_encoder_m, self.vision_proj_m) if momentum
-                     else (self.visual_encoder, self.vision_proj))
+        norm (as ViCHA aligns them). ``concepts`` (ids, mask) are ViCHA's visual concepts, appended to the
+        ViT sequence; ``image_atts`` gives the matching attention mask of the token states."""
+        proj = self.vision_proj_m if momentum else self.vision_proj
+        out = self.image_tokens(image, concepts, momentum, hidden)
+        embeds = out[0] if hidden else out
+        feat = F.normalize(proj(embeds[:, 0]).float(), dim=-1)
+        return (embeds, feat, out[1]) if hidden else (embeds, feat)
+
+    def image_tokens(self, image, concepts=None, momentum=False, hidden=False):
+        """The ViT's token states (with the visual concepts appended when the model uses them); with
+        ``hidden`` also every block's output through the final norm."""
+        enc = self.visual_encoder_m if momentum else self.visual_encoder
+        kw = {}
+        if getattr(self, "use_concepts", False):
+            if concepts is None:
+                raise ValueError("config key 'kw_img_model' is true but the batch has no visual concepts: the "
+                                 "annotation entries need 'kwords' (tools/visual_concepts.py writes them)")
+            kw["extra_tokens"] = vc.encode_concepts(self, concepts, momentum)
+            if self.vc_mask_padding:
+                kw["extra_mask"] = concepts[1]
         if hidden:
-            embeds, states = enc(image, return_hidden=True)
-            return embeds, F.normalize(proj(embeds[:, 0]).float(), dim=-1), [enc.norm(h) for h in states]
-        embeds = enc(image)
-        return embeds, F.normalize(proj(embeds[:, 0]).float(), dim=-1)
+            embeds, states = enc(image, return_hidden=True, **kw)
+            return embeds, [enc.norm(h) for h in states]
+        return enc(image, **kw)
+
+    def image_atts(self, image_embeds, concepts=None):
+        """Attention mask [B, T] of ``encode_image``'s token states: all ones, except the concept padding
+        when ``vc_mask_padding`` is on. Always a prefix of ones (the concepts are right-padded)."""
+        atts = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
+        if self.use_concepts and self.vc_mask_padding and concepts is not None:
+            kw_mask = concepts[1]
+            atts[:, -kw_mask.shape[1]:] = kw_mask.to(atts)
+        return atts
 
     def encode_text(self, input_ids, attention_mask, momentum=False, hidden=False):
         bert, proj = (self.text_bert_m, self.text_proj_m) if momentum else (self.text_bert, self.text_proj)
@@ -178,7 +211,7 @@ class ALBEFBase(MomentumMixin, nn.Module):
         targets = objectives.itc_targets(None, positives.float(), 0)
         return self.in_batch_itc_loss(sim_i2t, sim_t2i, targets, targets.t()), sim_i2t, sim_t2i
 
-    def itm(self, text_embeds, text_atts, image_embeds, sim_i2t, sim_t2i, positives, hard=None):
+    def itm(self, text_embeds, text_atts, image_embeds, sim_i2t, sim_t2i, positives, hard=None, image_atts=None):
         """ITM on bs positives + bs (text, hard image) + bs (hard text, image) pairs.
 
         ``positives`` [bs, bs] bool marks pairs that must not be drawn as negatives. Returns (loss, extras).
@@ -194,18 +227,20 @@ class ALBEFBase(MomentumMixin, nn.Module):
             neg_txt, valid_i2t = pick(sim_i2t[:, :bs], positives)
         zeros = torch.zeros(2 * bs, dtype=torch.long, device=text_embeds.device)
         return self.itm_pairs(text_embeds, text_atts, image_embeds, neg_img, neg_txt, zeros,
-                              torch.cat([valid_t2i, valid_i2t]).float())
+                              torch.cat([valid_t2i, valid_i2t]).float(), image_atts)
 
-    def itm_pairs(self, text_embeds, text_atts, image_embeds, neg_img, neg_txt, neg_labels, neg_weights):
+    def itm_pairs(self, text_embeds, text_atts, image_embeds, neg_img, neg_txt, neg_labels, neg_weights,
+                  image_atts=None):
         """ITM over the bs positives, (text k, image neg_img[k]) and (text neg_txt[k], image k), the last 2bs
         with labels ``neg_labels`` (MAFA turns connections into 1s) and weights ``neg_weights``."""
         bs = text_embeds.shape[0]
-        image_atts = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
+        if image_atts is None:
+            image_atts = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
         text_all = torch.cat([text_embeds, text_embeds[neg_txt]], dim=0)
         atts_all = torch.cat([text_atts, text_atts[neg_txt]], dim=0)
         image_all = torch.cat([image_embeds[neg_img], image_embeds], dim=0)
         cls_pos = self.fuse(text_embeds, text_atts, image_embeds, image_atts)
-        cls_neg = self.fuse(text_all, atts_all, image_all, torch.cat([image_atts, image_atts], dim=0))
+        cls_neg = self.fuse(text_all, atts_all, image_all, torch.cat([image_atts[neg_img], image_atts], dim=0))
         logits = self.itm_head(torch.cat([cls_pos, cls_neg], dim=0))
         labels = torch.cat([torch.ones(bs, dtype=torch.long, device=logits.device), neg_labels.to(logits.device)])
         weights = torch.cat([torch.ones(bs, device=logits.device), neg_weights.to(logits.device)])

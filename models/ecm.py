@@ -126,6 +126,9 @@ def build_discriminator(ecm_cfg, tokenizer, device):
         raise FileNotFoundError(f"filter checkpoint not found: {ckpt!r} (config key 'ecm.filter_checkpoint'); "
                                 "MAFA never trains with an untrained filter")
     cfg = dict(load_config(path), use_momentum=False, distill=False, text_encoder=None, vision_init=None)
+    if cfg.get("kw_img_model"):   # the filter scores raw images; the batch carries the trainee's concepts
+        raise ValueError(f"filter config {path!r} (config key 'ecm.filter_config') sets kw_img_model: a MAFA "
+                         "filter with visual concepts is not supported; use a filter without them")
     model = RetrievalModel(cfg, tokenizer)
     report = load_checkpoint(model, ckpt, remap=strip_bert, config_key="ecm.filter_checkpoint", verbose=False)
     needed = [k for k in report.missing if k.startswith(("visual_encoder.", "text_encoder.", "itm_head."))]

@@ -32,24 +32,24 @@ class ALBEF(ALBEFBase):
         if self.distill:   # deepcopy keeps the K/V sharing inside the momentum copy
             self.make_momentum("visual_encoder", "text_encoder", "cls_head")
 
-    def predict(self, image, input_ids, attention_mask, momentum=False):
-        vit, bert, head = ((self.visual_encoder_m, self.text_encoder_m, self.cls_head_m) if momentum
-                           else (self.visual_encoder, self.text_encoder, self.cls_head))
-        embeds = vit(image)
+    def predict(self, image, input_ids, attention_mask, momentum=False, concepts=None):
+        """``concepts``: ViCHA's per-image concepts, ordered as ``image`` (kwords1 rows, then kwords2 rows)."""
+        bert, head = (self.text_encoder_m, self.cls_head_m) if momentum else (self.text_encoder, self.cls_head)
+        embeds = self.image_tokens(image, concepts, momentum)   # ViCHA used the online ViT here: fixed
         img0, img1 = embeds.split(input_ids.shape[0])
-        atts = torch.ones(img0.shape[:2], dtype=torch.long, device=img0.device)
+        atts0, atts1 = self.image_atts(embeds, concepts).split(input_ids.shape[0])
         out = bert(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=[img0, img1],
-                   encoder_attention_mask=[atts, atts])
+                   encoder_attention_mask=[atts0, atts1])
         return head(out.last_hidden_state[:, 0])
 
-    def forward(self, image, text, targets=None, alpha=0.0, train=True):
+    def forward(self, image, text, targets=None, alpha=0.0, train=True, concepts=None):
         input_ids, attention_mask = text_inputs(text)
-        prediction = self.predict(image, input_ids, attention_mask)
+        prediction = self.predict(image, input_ids, attention_mask, concepts=concepts)
         if not train:
             return prediction
         prediction_m = None
         if self.distill:
             with torch.no_grad():
                 self._momentum_update()
-                prediction_m = self.predict(image, input_ids, attention_mask, momentum=True)
+                prediction_m = self.predict(image, input_ids, attention_mask, momentum=True, concepts=concepts)
         return distilled_ce(prediction, targets, prediction_m, alpha)

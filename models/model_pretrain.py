@@ -58,51 +58,54 @@ class ALBEF(ALBEFBase):
             raise ValueError("ECM needs in-batch ITC: set 'use_momentum: false' (MAFA trains without momentum)")
         self._discriminator = [discriminator]
 
-    def forward(self, image, text, alpha=0.0, idx=None):
+    def forward(self, image, text, alpha=0.0, idx=None, concepts=None):
+        """``concepts`` = (input_ids, attention_mask) of ViCHA's visual concepts when ``kw_img_model``."""
         input_ids, attention_mask = text_inputs(text)
         self.clamp_temp()
-        if self.num_hidden_align:   # ViCHA's H-ITC joins the ITC loss
-            image_embeds, image_feat, image_hidden = self.encode_image(image, hidden=True)
-            text_embeds, text_feat, text_hidden = self.encode_text(input_ids, attention_mask, hidden=True)
-            out = self._objectives(image, input_ids, attention_mask, alpha, image_embeds, image_feat, text_embeds,
-                                   text_feat)
-            out["loss_ita"] = out["loss_ita"] + self.hidden_itc(image_hidden, text_hidden)
-        else:
-            image_embeds, image_feat = self.encode_image(image)
-            text_embeds, text_feat = self.encode_text(input_ids, attention_mask)
-            out = self._objectives(image, input_ids, attention_mask, alpha, image_embeds, image_feat, text_embeds,
-                                   text_feat)
-        if self.mim:
+        hidden = bool(self.num_hidden_align)   # ViCHA's H-ITC joins the ITC loss
+        img = self.encode_image(image, hidden=hidden, concepts=concepts)
+        txt = self.encode_text(input_ids, attention_mask, hidden=hidden)
+        image_embeds, image_feat, text_embeds, text_feat = img[0], img[1], txt[0], txt[1]
+        out = self._objectives(image, input_ids, attention_mask, alpha, image_embeds, image_feat, text_embeds,
+                               text_feat, concepts)
+        if hidden:
+            out["loss_ita"] = out["loss_ita"] + self.hidden_itc(img[2], txt[2])
+        if self.mim:   # ViCHA's unimodal MAE: a second ViT pass without concepts
             out["loss_mae"] = mim.mim_loss(self, image)
         return out
 
-    def _objectives(self, image, input_ids, attention_mask, alpha, image_embeds, image_feat, text_embeds, text_feat):
+    def _objectives(self, image, input_ids, attention_mask, alpha, image_embeds, image_feat, text_embeds, text_feat,
+                    concepts=None):
         bs = image.shape[0]
+        image_atts = self.image_atts(image_embeds, concepts)
         if not self.use_momentum and self._discriminator:
             return self.forward_mafa(image, input_ids, attention_mask, image_embeds, image_feat, text_embeds,
-                                     text_feat)
+                                     text_feat, image_atts)
         if not self.use_momentum:
             positives = torch.eye(bs, dtype=torch.bool, device=image.device)
             loss_ita, sim_i2t, sim_t2i = self.itc_in_batch(image_feat, text_feat, positives)
-            loss_itm, _ = self.itm(text_embeds, attention_mask, image_embeds, sim_i2t, sim_t2i, positives)
-            loss_mlm = self.mlm(input_ids, attention_mask, image_embeds, None, 0.0)
+            loss_itm, _ = self.itm(text_embeds, attention_mask, image_embeds, sim_i2t, sim_t2i, positives,
+                                   image_atts=image_atts)
+            loss_mlm = self.mlm(input_ids, attention_mask, image_embeds, None, 0.0, image_atts)
             return {"loss_mlm": loss_mlm, "loss_ita": loss_ita, "loss_itm": loss_itm,
                     "feats": (image_feat.detach(), text_feat.detach())}
         with torch.no_grad():
             self._momentum_update()
-            image_embeds_m, image_feat_m = self.encode_image(image, momentum=True)
+            image_embeds_m, image_feat_m = self.encode_image(image, momentum=True, concepts=concepts)
             _, text_feat_m = self.encode_text(input_ids, attention_mask, momentum=True)
         positives = torch.zeros(bs, bs + self.image_queue.shape[1], dtype=torch.bool, device=image.device)
         positives[:, :bs] = torch.eye(bs, dtype=torch.bool, device=image.device)
         loss_ita, sim_i2t, sim_t2i = self.itc(image_feat, text_feat, image_feat_m, text_feat_m, positives,
                                               alpha if self.distill else 0.0)
         dequeue_and_enqueue(self, image_feat_m, text_feat_m)
-        loss_itm, _ = self.itm(text_embeds, attention_mask, image_embeds, sim_i2t, sim_t2i, positives[:, :bs])
-        loss_mlm = self.mlm(input_ids, attention_mask, image_embeds, image_embeds_m, alpha)
+        loss_itm, _ = self.itm(text_embeds, attention_mask, image_embeds, sim_i2t, sim_t2i, positives[:, :bs],
+                               image_atts=image_atts)
+        loss_mlm = self.mlm(input_ids, attention_mask, image_embeds, image_embeds_m, alpha, image_atts)
         return {"loss_mlm": loss_mlm, "loss_ita": loss_ita, "loss_itm": loss_itm,
                 "feats": (image_feat.detach(), text_feat.detach())}
 
-    def forward_mafa(self, image, input_ids, attention_mask, image_embeds, image_feat, text_embeds, text_feat):
+    def forward_mafa(self, image, input_ids, attention_mask, image_embeds, image_feat, text_embeds, text_feat,
+                     image_atts):
         """MAFA: ECM on the in-batch hardest negatives, then S-ITC, corrected ITM and MLM on new positives."""
         bs, dev = image.shape[0], image.device
         sim_i2t, sim_t2i = self.in_batch_sims(image_feat, text_feat)
@@ -117,7 +120,7 @@ class ALBEF(ALBEFBase):
         neg_img, lab_t2i = ecm_lib.itm_negatives(ecm["m1"], ecm["m2"], ecm["t2i"])
         neg_txt, lab_i2t = ecm_lib.itm_negatives(ecm["n1"], ecm["n2"], ecm["i2t"])
         loss_itm, _ = self.itm_pairs(text_embeds, attention_mask, image_embeds, neg_img, neg_txt,
-                                     torch.cat([lab_t2i, lab_i2t]), torch.ones(2 * bs, device=dev))
+                                     torch.cat([lab_t2i, lab_i2t]), torch.ones(2 * bs, device=dev), image_atts)
         # MLM also on the new positive pairs, each with its own masking (their number sets the MLM batch:
         # the step's one host sync, as in MAFA)
         rows = torch.arange(bs, device=dev)
@@ -125,12 +128,13 @@ class ALBEF(ALBEFBase):
         extra_img = torch.cat([rows[conn_i2t], ecm["m1"][conn_t2i]])
         loss_mlm = self.mlm(torch.cat([input_ids, input_ids[extra_txt]]),
                             torch.cat([attention_mask, attention_mask[extra_txt]]),
-                            torch.cat([image_embeds, image_embeds[extra_img]]), None, 0.0)
+                            torch.cat([image_embeds, image_embeds[extra_img]]), None, 0.0,
+                            torch.cat([image_atts, image_atts[extra_img]]))
         counts = {"count_" + k: v for k, v in ecm_lib.ecm_counts(ecm).items()}
         return {"loss_mlm": loss_mlm, "loss_ita": loss_ita, "loss_itm": loss_itm,
                 "feats": (image_feat.detach(), text_feat.detach()), **counts}
 
-    def mlm(self, input_ids, attention_mask, image_embeds, image_embeds_m, alpha):
+    def mlm(self, input_ids, attention_mask, image_embeds, image_embeds_m, alpha, image_atts=None):
         ids, labels = objectives.mask_tokens(input_ids, self.bert_config.vocab_size, self.mlm_probability,
                                              self.special_ids["mask"], self.special_ids["pad"],
                                              self.special_ids["cls"])
@@ -138,10 +142,12 @@ class ALBEF(ALBEFBase):
         if self.distill and alpha > 0:
             with torch.no_grad():
                 logits_m = self.text_encoder_m(ids, attention_mask=attention_mask,
-                                               encoder_hidden_states=image_embeds_m, return_logits=True)
+                                               encoder_hidden_states=image_embeds_m,
+                                               encoder_attention_mask=image_atts, return_logits=True)
                 soft = F.softmax(logits_m.float(), dim=-1)
         out = self.text_encoder(ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
-                                labels=labels, soft_labels=soft, alpha=alpha, distill_dim=self.distill_dim)
+                                encoder_attention_mask=image_atts, labels=labels, soft_labels=soft, alpha=alpha,
+                                distill_dim=self.distill_dim)
         return out.loss
 
 

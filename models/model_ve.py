@@ -18,21 +18,21 @@ class ALBEF(ALBEFBase):
         if self.distill:
             self.make_momentum("visual_encoder", "text_encoder", "cls_head")
 
-    def predict(self, image, input_ids, attention_mask, momentum=False):
-        vit, bert, head = ((self.visual_encoder_m, self.text_encoder_m, self.cls_head_m) if momentum
-                           else (self.visual_encoder, self.text_encoder, self.cls_head))
-        image_embeds = vit(image)
-        out = bert(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds)
+    def predict(self, image, input_ids, attention_mask, momentum=False, concepts=None):
+        bert, head = (self.text_encoder_m, self.cls_head_m) if momentum else (self.text_encoder, self.cls_head)
+        image_embeds = self.image_tokens(image, concepts, momentum)
+        out = bert(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
+                   encoder_attention_mask=self.image_atts(image_embeds, concepts))
         return head(out.last_hidden_state[:, 0])
 
-    def forward(self, image, text, targets=None, alpha=0.0, train=True):
+    def forward(self, image, text, targets=None, alpha=0.0, train=True, concepts=None):
         input_ids, attention_mask = text_inputs(text)
-        prediction = self.predict(image, input_ids, attention_mask)
+        prediction = self.predict(image, input_ids, attention_mask, concepts=concepts)
         if not train:
             return prediction
         prediction_m = None
         if self.distill:
             with torch.no_grad():
                 self._momentum_update()
-                prediction_m = self.predict(image, input_ids, attention_mask, momentum=True)
+                prediction_m = self.predict(image, input_ids, attention_mask, momentum=True, concepts=concepts)
         return distilled_ce(prediction, targets, prediction_m, alpha)

@@ -31,28 +31,28 @@ class ALBEF(ALBEFBase):
         if self.distill:
             self.make_momentum("visual_encoder", "text_encoder", "text_decoder")
 
-    def encode_question(self, image, q_ids, q_mask, momentum=False):
-        vit, bert = (self.visual_encoder_m, self.text_encoder_m) if momentum else (self.visual_encoder, self.text_encoder)
-        image_embeds = vit(image)
-        atts = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image.device)
+    def encode_question(self, image, q_ids, q_mask, momentum=False, concepts=None):
+        bert = self.text_encoder_m if momentum else self.text_encoder
+        image_embeds = self.image_tokens(image, concepts, momentum)
         return bert(input_ids=q_ids, attention_mask=q_mask, encoder_hidden_states=image_embeds,
-                    encoder_attention_mask=atts).last_hidden_state
+                    encoder_attention_mask=self.image_atts(image_embeds, concepts)).last_hidden_state
 
-    def forward(self, image, question, answer, alpha=0.0, k=None, weights=None, train=True):
+    def forward(self, image, question, answer, alpha=0.0, k=None, weights=None, train=True, concepts=None):
         q_ids, q_mask = text_inputs(question)
         a_ids, a_mask = text_inputs(answer)
         if not train:
-            states = self.encode_question(image, q_ids, q_mask)
+            states = self.encode_question(image, q_ids, q_mask, concepts=concepts)
             return self.rank_answer(states, q_mask, a_ids, a_mask, k)
         k = torch.as_tensor(k, device=image.device)
         targets = a_ids.masked_fill(a_ids == self.pad_token_id, -100)
-        states = self.encode_question(image, q_ids, q_mask).repeat_interleave(k, dim=0)
+        states = self.encode_question(image, q_ids, q_mask, concepts=concepts).repeat_interleave(k, dim=0)
         atts = q_mask.repeat_interleave(k, dim=0)
         soft = None
         if self.distill:
             with torch.no_grad():
                 self._momentum_update()
-                states_m = self.encode_question(image, q_ids, q_mask, momentum=True).repeat_interleave(k, dim=0)
+                states_m = self.encode_question(image, q_ids, q_mask, momentum=True,
+                                                concepts=concepts).repeat_interleave(k, dim=0)
                 logits_m = self.text_decoder_m(a_ids, attention_mask=a_mask, encoder_hidden_states=states_m,
                                                encoder_attention_mask=atts, return_logits=True)
                 soft = F.softmax(logits_m.float(), dim=-1)

@@ -13,6 +13,8 @@ class VisionTransformer(_TimmViT):
 
     ``forward(x, register_blk=i)`` runs block ``i`` with eager attention and keeps its probabilities
     (``blocks[i].attn.attention_map``) and their gradient (``attn_gradients``) for Grad-CAM.
+    ``extra_tokens`` [B, L, D] are appended after the positional embedding (ViCHA's visual concepts);
+    ``extra_mask`` [B, L] (1 = keep) hides their padding from every block's attention.
     """
 
     def __init__(self, img_size=256, patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
@@ -32,35 +34,51 @@ class VisionTransformer(_TimmViT):
     def num_patches(self):
         return self.patch_embed.num_patches
 
-    def _eager_block(self, blk, x):
-        """Same math as the block, with explicit attention probabilities kept for Grad-CAM."""
+    def _eager_block(self, blk, x, mask=None, keep=True):
+        """Same math as the block, with a boolean key mask [B, 1, 1, N] (True = attend), and with ``keep`` the explicit
+        attention probabilities kept for Grad-CAM (timm's own Block takes no mask before timm 1.0.16)."""
         attn = blk.attn
         b, n, c = x.shape
         h = blk.norm1(x)
         qkv = attn.qkv(h).reshape(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
-        probs = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        attn.attention_map = probs
-        if probs.requires_grad:
-            probs.register_hook(lambda g: setattr(attn, "attn_gradients", g))
-        y = (attn.attn_drop(probs) @ v).transpose(1, 2).reshape(b, n, c)
+        if keep:
+            scores = (q * attn.scale) @ k.transpose(-2, -1)
+            probs = (scores if mask is None else scores.masked_fill(~mask, float("-inf"))).softmax(dim=-1)
+            attn.attention_map = probs
+            if probs.requires_grad:
+                probs.register_hook(lambda g: setattr(attn, "attn_gradients", g))
+            y = attn.attn_drop(probs) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                               dropout_p=attn.attn_drop.p if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(b, n, c)
         y = attn.proj_drop(attn.proj(attn.norm(y)))
         x = x + blk.drop_path1(blk.ls1(y))
         return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
-    def forward(self, x, register_blk=-1, return_hidden=False):
+    def forward(self, x, register_blk=-1, return_hidden=False, extra_tokens=None, extra_mask=None):
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.norm_pre(self.pos_drop(x + self.pos_embed[:, :x.shape[1]]))
+        mask = None
+        if extra_tokens is not None:   # no positional embedding: ViCHA's concepts are a set
+            n_img = x.shape[1]
+            x = torch.cat([x, extra_tokens.to(x.dtype)], dim=1)
+            if extra_mask is not None:
+                keep = torch.cat([extra_mask.new_ones(x.shape[0], n_img), extra_mask], dim=1).bool()
+                mask = keep[:, None, None, :]
         hidden = []
         for i, blk in enumerate(self.blocks):
-            if i == register_blk:
-                x = self._eager_block(blk, x)
-            elif self.grad_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            if i == register_blk or mask is not None:
+                fn = lambda t, b=blk, k=(i == register_blk): self._eager_block(b, t, mask, keep=k)   # noqa: E731
             else:
-                x = blk(x)
+                fn = blk
+            if self.grad_checkpointing and self.training and i != register_blk:
+                x = torch.utils.checkpoint.checkpoint(fn, x, use_reentrant=False)
+            else:
+                x = fn(x)
             if return_hidden:
                 hidden.append(x)
         x = self.norm(x)

@@ -92,7 +92,7 @@ def test_mafa_forward_builds_itm_mlm_and_itc_inputs_from_ecm():
     rows = torch.arange(4)
     assert torch.equal(filt.asked[0], torch.cat([rows, n1])) and torch.equal(filt.asked[1], torch.cat([m1, rows]))
     # t2i: [conn, neg, ambiguous, conn]; i2t: [neg, conn, ambiguous, neg]
-    _, _, _, neg_img, neg_txt, labels, weights = seen["itm"]
+    _, _, _, neg_img, neg_txt, labels, weights = seen["itm"][:7]
     assert neg_img.tolist() == [m1[0], m1[1], m2[2], m1[3]]
     assert neg_txt.tolist() == [n1[0], n1[1], n2[2], n1[3]]
     assert labels.tolist() == [1, 0, 0, 1, 0, 1, 0, 0] and weights.sum() == 8

@@ -33,7 +33,7 @@ def main():
     dev = torch.device("cpu")
     with torch.no_grad():
         _, _, text_emb = encode_texts(model, tok, ds.text, dev)
-        _, image_emb, _ = encode_images(model, ds, dev, num_workers=0)
+        _, _, image_emb, _ = encode_images(model, ds, dev, num_workers=0, tokenizer=tok)
     sims = (image_emb @ text_emb.t()).numpy()
     print("ITC-only", {k: round(v, 2) for k, v in itm_eval(sims, sims.T, ds.txt2img, ds.img2txt).items()})
     print(f"feature std across images {image_emb.std(0).mean():.4f}, across captions {text_emb.std(0).mean():.4f}, "
