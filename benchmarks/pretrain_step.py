@@ -7,7 +7,8 @@
 Variants measured in the same run: the default (SDPA attention, bf16 autocast on CUDA) against eager
 attention in fp32, the originals' setting. Figures are printed as ratios to that baseline.
 ``--compare mafa``: MAFA's step (GRIT's plus the frozen filter's ECM pass) against GRIT's, same batch.
-``--compare vicha``: ALBEF + H-ITC, + MIM, + both against plain ALBEF, same batch.
+``--compare vicha``: ALBEF + H-ITC, + visual concepts (8 concept tokens: ViCHA draws 4 words), + MIM, + all
+three against plain ALBEF, same batch.
 """
 import argparse
 import os
@@ -51,6 +52,10 @@ def measure(cfg, batch, device, attn, precision, steps, warmup, with_filter=Fals
     ids = torch.randint(1000 % vocab, vocab, (batch, 25), device=device)
     ids[:, 0] = 101 % vocab
     text = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    concepts = None
+    if cfg.get("kw_img_model"):
+        kw = ids[:, :8].clone()
+        concepts = (kw, torch.ones_like(kw))
     ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else (
         lambda: torch.autocast(device.type, enabled=False))
     if device.type == "cuda":
@@ -61,7 +66,7 @@ def measure(cfg, batch, device, attn, precision, steps, warmup, with_filter=Fals
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with ctx():
-            loss = sum(v for k, v in model(image, text, alpha=0.4).items() if k.startswith("loss"))
+            loss = sum(v for k, v in model(image, text, alpha=0.4, concepts=concepts).items() if k.startswith("loss"))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -93,7 +98,9 @@ def main():
         mae = {"mae": True, "mask_ratio": 0.75, "mim_decoder_heads": 16 if a.size == "base" else 4}
         print(f"ViCHA components, size={a.size}, batch={a.batch}, device={device}, {prec}")
         base = None
-        for name, extra in (("ALBEF", {}), ("+ H-ITC", hitc), ("+ MIM", mae), ("+ H-ITC + MIM", {**hitc, **mae})):
+        vcs = {"kw_img_model": True, "num_hidden_layers_kw": 2}
+        for name, extra in (("ALBEF", {}), ("+ H-ITC", hitc), ("+ concepts", vcs), ("+ MIM", mae),
+                            ("+ all three", {**hitc, **vcs, **mae})):
             sps, _ = measure({**cfg, **extra}, a.batch, device, "sdpa", prec, a.steps, a.warmup)
             base = base or sps
             print(f"{name:16s} {sps:8.2f} samples/s   step time {base / sps:.2f}x ALBEF's")
