@@ -76,6 +76,19 @@ def hardness(img, txt, batch):
     return sim.max(dim=2).values.mean()   # a tensor: no host sync
 
 
+def nn_recall(img, txt, batch, k=5):
+    """Share of each image's ``k`` most similar texts (among these rows, its own excluded) that share its
+    consecutive batch: random order gives about (batch - 1) / (rows - 1). Unlike the hardest negative's
+    similarity, a few "hub" texts near every image cannot dominate it."""
+    n = len(img) // batch * batch
+    if n <= k or batch < 2:
+        return torch.tensor(float("nan"))
+    sim = img[:n].float() @ txt[:n].float().t()
+    sim.fill_diagonal_(-4)
+    rows = torch.arange(n, device=sim.device) // batch
+    return (sim.topk(k, dim=1).indices // batch == rows[:, None]).float().mean()
+
+
 class GritCollector:
     """Per-rank collection queue and grouping for one epoch (phases 1-3 of GRIT)."""
 
@@ -93,7 +106,7 @@ class GritCollector:
 
     def start_epoch(self, epoch):
         self.epoch, self.ptr, self.flushes, self.groups = epoch, 0, 0, []
-        self.stats = {"random": [], "grouped": []}
+        self.stats = {"random": [], "grouped": [], "nn_recall_random": [], "nn_recall_grouped": []}
 
     def push(self, img_feat, txt_feat, idx):
         """Phase 1: this step's detached features and dataset indices (any device, no sync)."""
@@ -129,9 +142,10 @@ class GritCollector:
                 raise RuntimeError("GRIT walk is not a permutation of its search space")
             self.groups.append(idx[s:e][walk])
             if e - s >= self.batch:
-                self.stats["random"].append(float(hardness(img[s:e], txt[s:e], self.batch)))
                 w = torch.from_numpy(walk).to(img.device)
-                self.stats["grouped"].append(float(hardness(img[s:e][w], txt[s:e][w], self.batch)))
+                for name, (i, t) in (("random", (img[s:e], txt[s:e])), ("grouped", (img[s:e][w], txt[s:e][w]))):
+                    self.stats[name].append(float(hardness(i, t, self.batch)))
+                    self.stats["nn_recall_" + name].append(float(nn_recall(i, t, self.batch)))
         self.ptr = 0
 
     def finish(self):
@@ -233,9 +247,9 @@ class Grit:
         nxt = next_epoch_order([o for o, _ in gathered], epoch_order, self.batch, self.sampler.num_batches,
                                self.world, self.seed, epoch, self.n)
         self.sampler.set_order(epoch + 1, nxt)
-        rnd = [s["random"] for _, s in gathered]
-        grp = [s["grouped"] for _, s in gathered]
-        return {"grit_hardness_random": float(np.nanmean(rnd)), "grit_hardness_grouped": float(np.nanmean(grp))}
+        mean = lambda key: float(np.nanmean([s.get(key, np.nan) for _, s in gathered]))   # noqa: E731
+        return {"grit_hardness_random": mean("random"), "grit_hardness_grouped": mean("grouped"),
+                "grit_nn_recall_random": mean("nn_recall_random"), "grit_nn_recall_grouped": mean("nn_recall_grouped")}
 
     def state_dict(self):
         """Collective (gathers every rank's queue): every rank calls it."""

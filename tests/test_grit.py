@@ -53,6 +53,17 @@ def test_collector_groups_every_full_queue_and_the_leftover():
     assert order.dtype == np.int64 and sorted(order.tolist()) == sorted(pushed)
     assert [len(g) for g in col.groups] == [16] * 6 + [8]
     assert stats["grouped"] > stats["random"]   # the walk makes batches harder than random ones
+    assert stats["nn_recall_grouped"] > stats["nn_recall_random"]
+
+
+def test_nn_recall_counts_neighbours_in_the_same_batch():
+    from dataset.grit import nn_recall
+    # rows 0/1, 2/3, 4/5 are near each other (pairs of nearly equal directions)
+    base = torch.eye(3).repeat_interleave(2, dim=0) + 0.01 * torch.arange(6.0)[:, None]
+    feats = F.normalize(base, dim=1)
+    assert nn_recall(feats, feats, batch=2, k=1).item() == 1.0        # every nearest neighbour is in the batch
+    split = torch.tensor([0, 2, 1, 4, 3, 5])                            # partners sent to other batches
+    assert nn_recall(feats[split], feats[split], batch=2, k=1).item() == 0.0
 
 
 def test_collector_state_survives_a_weights_only_checkpoint_and_gives_the_same_order():
