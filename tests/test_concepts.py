@@ -307,3 +307,20 @@ def test_downstream_models_take_concepts_with_their_momentum_copies():
     states = vqa.encode_question(torch.randn(4, 3, 32, 32), text["input_ids"], text["attention_mask"],
                                  concepts=concepts())
     assert states.shape == (4, 7, 32)
+
+
+def test_every_vicha_component_composes_with_mafa():
+    """H-ITC, concepts and MIM on MAFA's in-batch, ECM-corrected pretraining: one step trains them all."""
+    from test_ecm import FixedFilter
+    torch.manual_seed(0)
+    cfg = vc_config(use_momentum=False, distill=False, itc_label_smoothing=0.5, return_hidden_state=True,
+                    num_hidden_align=1, mae=True, mim_decoder_heads=2)
+    model = MODELS["pretrain"](cfg)
+    filt = FixedFilter(MODELS["retrieval"](tiny_config(use_momentum=False, distill=False)),
+                       p_t2i=torch.tensor([0.9, 0.1, 0.6, 0.8]), p_i2t=torch.tensor([0.2, 0.85, 0.5, 0.49]))
+    model.set_discriminator(filt)
+    out = model(torch.randn(4, 3, 32, 32), tiny_text(4), concepts=concepts())
+    assert out["count_ecm_connections"] == 3 and "loss_mae" in out
+    sum(v for k, v in out.items() if k.startswith("loss")).backward()
+    for module in (model.kw_proj, model.vision_proj_hidden[0], model.decoder_embed, model.itm_head):
+        assert module.weight.grad.abs().sum() > 0
