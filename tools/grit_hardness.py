@@ -2,7 +2,7 @@
 
     python tools/grit_hardness.py --config configs/demo/Pretrain.yaml --checkpoint output/grit10/checkpoint_00.pth
 
-Encodes the training pairs (one caption per image, no augmentation), cuts them into search spaces as GRIT
+Encodes the first training file's pairs (one caption per image, no augmentation), cuts them into search spaces as GRIT
 does, and compares random batches with GRIT's walk, on every measure printed:
 
 * ``max-sim``: each anchor image's hardest in-batch negative text (raw cosine), the training log's measure;
@@ -18,35 +18,34 @@ import sys
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dataset.caption_dataset import pretrain_dataset   # noqa: E402
+from dataset.caption_dataset import as_list, re_eval_dataset   # noqa: E402
 from dataset.grit import greedy_walk, hardness, nn_recall   # noqa: E402
 from dataset.transforms import test_transform   # noqa: E402
 from engine.config import load_config   # noqa: E402
+from engine.retrieval_eval import encode_images, encode_texts   # noqa: E402
 from models.checkpoint import load_checkpoint   # noqa: E402
 from models.model_pretrain import ALBEF   # noqa: E402
 from models.tokenization import ALBEFTokenizer   # noqa: E402
 
 
 @torch.no_grad()
-def features(cfg, checkpoint, limit=None, batch_size=128):
+def features(cfg, checkpoint, limit=None):
+    """ITC features of every training image and its first caption, through the evaluation encoders."""
     tok = ALBEFTokenizer(cfg.get("tokenizer") or cfg.get("text_encoder") or "")
     model = ALBEF(dict(cfg, text_encoder=None, vision_init=None), tok)
     load_checkpoint(model, checkpoint, verbose=False)
     model.eval()
-    ds = pretrain_dataset(cfg["train_file"], test_transform(cfg["image_res"]), cfg.get("max_words", 30),
-                          image_root=cfg.get("image_root"))
+    ds = re_eval_dataset(as_list(cfg["train_file"])[0], test_transform(cfg["image_res"]), cfg.get("image_root"),
+                         cfg.get("max_words", 30), config_key="train_file", image_res=cfg["image_res"])
     if limit:
         ds.ann = ds.ann[:limit]
-    img, txt = [], []
-    for images, caps, _, _ in DataLoader(ds, batch_size=batch_size, num_workers=2,
-                                         collate_fn=lambda b: list(zip(*b))):
-        t = tok(list(caps), padding="longest", truncation=True, max_length=cfg.get("max_tokens", 25))
-        img.append(model.encode_image(torch.stack(images))[1])
-        txt.append(model.encode_text(t["input_ids"], t["attention_mask"])[1])
-    return torch.cat(img), torch.cat(txt)
+    dev = torch.device("cpu")
+    img = encode_images(model, ds, dev, num_workers=2)[2]
+    txt = encode_texts(model, tok, [ds.text[ds.img2txt[i][0]] for i in range(len(ds))], dev,
+                       cfg.get("max_tokens", 25))[2]
+    return img, txt
 
 
 def hubness(img, txt):

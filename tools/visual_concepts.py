@@ -89,12 +89,8 @@ def read_vocab(path):
 
 
 def atomic_write_json(obj, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from engine.checkpointing import atomic_write_text
+    atomic_write_text(json.dumps(obj), path)
 
 
 # ---------------------------------------------------------------------------------------------- scorers
@@ -153,13 +149,9 @@ class AlbefScorer:
         self.transform = test_transform(cfg["image_res"])
         self.device = device
 
-    @torch.no_grad()
-    def words(self, words, chunk=1024):
-        out = []
-        for s in range(0, len(words), chunk):
-            t = self.tokenizer(words[s:s + chunk], padding="longest", truncation=True, max_length=30)
-            out.append(self.model.encode_text(t["input_ids"].to(self.device), t["attention_mask"].to(self.device))[1])
-        return torch.cat(out)
+    def words(self, words):
+        from engine.retrieval_eval import encode_texts
+        return encode_texts(self.model, self.tokenizer, words, self.device)[2]
 
     @torch.no_grad()
     def images(self, x):
