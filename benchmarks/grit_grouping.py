@@ -75,8 +75,8 @@ def main():
     _, stats = col.finish()
     print(f"full queue of {a.queue_size} ({a.queue_size // a.search_space} search spaces): {t_queue:.2f} s, "
           f"{per_sample * 1e6:.1f} us per training sample")
-    print(f"in-batch hardness on these features: random batches {stats['random']:.3f}, "
-          f"grouped {stats['grouped']:.3f}")
+    print(f"in-batch hardness on these features: random batches {stats['hardness_random']:.3f}, "
+          f"grouped {stats['hardness_grouped']:.3f}")
     print(f"GRIT stays under 1% of an epoch while training runs below {0.01 / per_sample:,.0f} samples/s per rank")
 
 

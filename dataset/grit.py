@@ -28,8 +28,13 @@ def greedy_walk(img, txt, start):
     unvisited image most similar to that text, and so on. Softmax and temperature are monotone, so the
     argmax walk over raw similarities is GRIT's walk over its probability matrices.
     """
-    sim = (img.float() @ txt.float().t()).cpu().numpy()   # [image, text]
-    sim_t = np.ascontiguousarray(sim.T)                    # [text, image]
+    return walk_similarities(img.float() @ txt.float().t(), start)
+
+
+def walk_similarities(sim, start):
+    """The walk of ``greedy_walk`` over a given [image, text] similarity matrix."""
+    sim = sim.float().cpu()
+    sim, sim_t = sim.numpy(), sim.t().contiguous().numpy()   # rows: [image, text] and [text, image]
     m = len(sim)
     out = np.empty(m, dtype=np.int64)
     visited = np.zeros(m, dtype=np.float32)
@@ -64,16 +69,31 @@ def reference_walk(img, txt, start, temp=0.07):
     return np.array(out, dtype=np.int64)
 
 
-def hardness(img, txt, batch):
-    """Mean over anchors of the similarity of the hardest in-batch negative text, for consecutive batches."""
+def batch_hardness(img, txt, batch, temp=0.07):
+    """In-batch hardness of consecutive batches, as a tensor (no host sync) of three means over anchor images:
+
+    0. the similarity of the hardest in-batch negative text;
+    1. the mean similarity of all in-batch negative texts: a few "hub" texts near every image cannot
+       dominate it the way they dominate the hardest one;
+    2. the in-batch image->text ITC loss at a fixed ``temp``: how hard the batch is for the objective itself.
+    """
     n = len(img) // batch * batch
     if n == 0 or batch < 2:
-        return torch.tensor(float("nan"))
+        return torch.full((3,), float("nan"))
     i = img[:n].float().view(-1, batch, img.shape[1])
     t = txt[:n].float().view(-1, batch, txt.shape[1])
     sim = i @ t.transpose(1, 2)
-    sim = sim - 4 * torch.eye(batch, device=sim.device)   # cosine >= -1: the diagonal never wins
-    return sim.max(dim=2).values.mean()   # a tensor: no host sync
+    eye = torch.eye(batch, device=sim.device)
+    hardest = (sim - 4 * eye).max(dim=2).values.mean()   # cosine >= -1: the diagonal never wins
+    mean_neg = ((sim * (1 - eye)).sum(2) / (batch - 1)).mean()
+    itc = torch.nn.functional.cross_entropy((sim / temp).flatten(0, 1),
+                                            torch.arange(batch, device=sim.device).repeat(len(sim)))
+    return torch.stack([hardest, mean_neg, itc])
+
+
+def hardness(img, txt, batch):
+    """Mean over anchors of the similarity of the hardest in-batch negative text, for consecutive batches."""
+    return batch_hardness(img, txt, batch)[0]
 
 
 def nn_recall(img, txt, batch, k=5):
@@ -83,10 +103,25 @@ def nn_recall(img, txt, batch, k=5):
     n = len(img) // batch * batch
     if n <= k or batch < 2:
         return torch.tensor(float("nan"))
-    sim = img[:n].float() @ txt[:n].float().t()
-    sim.fill_diagonal_(-4)
-    rows = torch.arange(n, device=sim.device) // batch
-    return (sim.topk(k, dim=1).indices // batch == rows[:, None]).float().mean()
+    return neighbour_recall(neighbours(img[:n].float() @ txt[:n].float().t(), k), torch.arange(n), batch)
+
+
+def neighbours(sim, k=5):
+    """Each image's ``k`` most similar texts of a square [image, text] similarity matrix, its own excluded."""
+    return (sim - 4 * torch.eye(len(sim), device=sim.device)).topk(k, dim=1).indices
+
+
+def neighbour_recall(nbrs, order, batch):
+    """``nn_recall`` of the rows laid out in ``order`` (positions into ``nbrs``), from ``neighbours`` computed
+    once in the original layout: the neighbour sets do not depend on the order."""
+    pos = torch.empty_like(order)
+    pos[order] = torch.arange(len(order), device=order.device)
+    group = pos.to(nbrs.device) // batch
+    return (group[nbrs] == group[:, None]).float().mean()
+
+
+# logged per epoch as grit_<name>_random / grit_<name>_grouped, over the same features
+STATS = ("hardness", "mean_neg_sim", "itc_loss", "nn_recall")
 
 
 class GritCollector:
@@ -106,7 +141,7 @@ class GritCollector:
 
     def start_epoch(self, epoch):
         self.epoch, self.ptr, self.flushes, self.groups = epoch, 0, 0, []
-        self.stats = {"random": [], "grouped": [], "nn_recall_random": [], "nn_recall_grouped": []}
+        self.stats = {f"{m}_{o}": [] for m in STATS for o in ("random", "grouped")}
 
     def push(self, img_feat, txt_feat, idx):
         """Phase 1: this step's detached features and dataset indices (any device, no sync)."""
@@ -137,15 +172,19 @@ class GritCollector:
             if e - s == 0:
                 continue
             start = int(torch.randint(e - s, (1,), generator=g))
-            walk = greedy_walk(img[s:e], txt[s:e], start)
+            sim = img[s:e].float() @ txt[s:e].float().t()   # one matrix for the walk and the stats
+            walk = walk_similarities(sim, start)
             if not np.array_equal(np.sort(walk), np.arange(e - s)):
                 raise RuntimeError("GRIT walk is not a permutation of its search space")
             self.groups.append(idx[s:e][walk])
             if e - s >= self.batch:
                 w = torch.from_numpy(walk).to(img.device)
-                for name, (i, t) in (("random", (img[s:e], txt[s:e])), ("grouped", (img[s:e][w], txt[s:e][w]))):
-                    self.stats[name].append(float(hardness(i, t, self.batch)))
-                    self.stats["nn_recall_" + name].append(float(nn_recall(i, t, self.batch)))
+                nbrs = neighbours(sim) if e - s > 5 else None
+                for name, order in (("random", torch.arange(e - s, device=img.device)), ("grouped", w)):
+                    values = batch_hardness(img[s:e][order], txt[s:e][order], self.batch).tolist()
+                    values.append(float(neighbour_recall(nbrs, order, self.batch)) if nbrs is not None else np.nan)
+                    for m, v in zip(STATS, values):
+                        self.stats[f"{m}_{name}"].append(v)
         self.ptr = 0
 
     def finish(self):
@@ -166,7 +205,7 @@ class GritCollector:
         self.groups = [torch.as_tensor(g).numpy().astype(np.int64) for g in s["groups"]]
         self.img[:self.ptr], self.txt[:self.ptr] = s["img"].to(self.img), s["txt"].to(self.txt)
         self.idx[:self.ptr] = s["idx"].to(self.idx)
-        self.stats = s["stats"]
+        self.stats = {k: list(s["stats"].get(k, [])) for k in self.stats}   # keys of this version
 
 
 def next_epoch_order(rank_orders, epoch_order, batch_size, num_batches, world, seed, epoch, dataset_len):
@@ -247,9 +286,8 @@ class Grit:
         nxt = next_epoch_order([o for o, _ in gathered], epoch_order, self.batch, self.sampler.num_batches,
                                self.world, self.seed, epoch, self.n)
         self.sampler.set_order(epoch + 1, nxt)
-        mean = lambda key: float(np.nanmean([s.get(key, np.nan) for _, s in gathered]))   # noqa: E731
-        return {"grit_hardness_random": mean("random"), "grit_hardness_grouped": mean("grouped"),
-                "grit_nn_recall_random": mean("nn_recall_random"), "grit_nn_recall_grouped": mean("nn_recall_grouped")}
+        return {f"grit_{k}": float(np.nanmean([s.get(k, np.nan) for _, s in gathered]))
+                for k in gathered[0][1]}
 
     def state_dict(self):
         """Collective (gathers every rank's queue): every rank calls it."""

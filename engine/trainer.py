@@ -18,7 +18,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from dataset.grit import Grit, GroupedSampler, hardness
+from dataset.grit import Grit, GroupedSampler, batch_hardness
 from dataset.sampler import ResumableDistributedSampler
 from engine import checkpointing as ckpt_io
 from engine.config import dump_config
@@ -242,7 +242,9 @@ class Trainer:
                         counts[k] = counts.get(k, 0) + v.detach().double()
                 if "feats" in out:   # in-batch hardness of every step, averaged over the epoch
                     b = len(out["feats"][0])
-                    counts["hard_neg_sim_sum"] = counts.get("hard_neg_sim_sum", 0) + hardness(*out["feats"], b).double()
+                    h = batch_hardness(*out["feats"], b).double()
+                    counts["hard_neg_sim_sum"] = counts.get("hard_neg_sim_sum", 0) + h[0]
+                    counts["mean_neg_sim_sum"] = counts.get("mean_neg_sim_sum", 0) + h[1]
                     counts["hard_neg_sim_n"] = counts.get("hard_neg_sim_n", 0) + 1
                 loss = sum(self.loss_weights.get(k, 1.0) * v for k, v in losses.items())
                 (loss / self.accum).backward()
@@ -275,6 +277,7 @@ class Trainer:
                 n = totals.pop("hard_neg_sim_n", 0)
                 if n:
                     stats["train_hard_neg_sim"] = totals.pop("hard_neg_sim_sum") / n
+                    stats["train_mean_neg_sim"] = totals.pop("mean_neg_sim_sum") / n
                 stats.update({k[len("count_"):]: int(v) for k, v in totals.items()})
             if self.grit and not stop:
                 stats.update(self.grit.end_epoch(epoch))   # collective; sets the next epoch's order

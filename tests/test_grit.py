@@ -52,7 +52,8 @@ def test_collector_groups_every_full_queue_and_the_leftover():
     order, stats = col.finish()
     assert order.dtype == np.int64 and sorted(order.tolist()) == sorted(pushed)
     assert [len(g) for g in col.groups] == [16] * 6 + [8]
-    assert stats["grouped"] > stats["random"]   # the walk makes batches harder than random ones
+    for m in ("hardness", "mean_neg_sim", "itc_loss"):   # the walk makes batches harder than random ones
+        assert stats[m + "_grouped"] > stats[m + "_random"], m
     assert stats["nn_recall_grouped"] > stats["nn_recall_random"]
 
 
@@ -132,3 +133,30 @@ def test_hardness_is_the_mean_hardest_negative_similarity():
     assert float(hardness(img, txt, 4)) == pytest.approx(expect)
     assert float(hardness(img, txt, 2)) == pytest.approx(((sim[:2, :2] - 4 * torch.eye(2)).max(1).values.sum()
                                                    + (sim[2:, 2:] - 4 * torch.eye(2)).max(1).values.sum()).item() / 4)
+
+
+def test_batch_hardness_mean_negative_and_itc_loss_by_hand():
+    from dataset.grit import batch_hardness
+    img = torch.eye(4)
+    txt = torch.tensor([[1.0, 0, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 1, 0], [0, 0, 0.2, 0.8]])
+    sim = img @ txt.t()
+    hardest, mean_neg, itc = batch_hardness(img, txt, 4, temp=0.5).tolist()
+    assert hardest == pytest.approx(float(hardness(img, txt, 4)))
+    assert mean_neg == pytest.approx(((sim.sum(1) - sim.diag()) / 3).mean().item())
+    expect = -torch.log_softmax(sim / 0.5, dim=1).diag().mean().item()
+    assert itc == pytest.approx(expect)
+    # two batches of two: only the 2x2 blocks count
+    h2 = batch_hardness(img, txt, 2, temp=0.5)
+    blocks = [sim[:2, :2], sim[2:, 2:]]
+    assert h2[1].item() == pytest.approx(sum((b.sum() - b.diag().sum()).item() for b in blocks) / 4)
+    assert h2[2].item() == pytest.approx(sum(-torch.log_softmax(b / 0.5, 1).diag().sum().item() for b in blocks) / 4)
+
+
+def test_neighbour_recall_from_one_matrix_equals_nn_recall_of_the_reordered_rows():
+    from dataset.grit import neighbour_recall, neighbours, nn_recall
+    torch.manual_seed(1)
+    img, txt = F.normalize(torch.randn(48, 8), dim=1), F.normalize(torch.randn(48, 8), dim=1)
+    walk = torch.from_numpy(greedy_walk(img, txt, start=5))
+    nbrs = neighbours(img @ txt.t())
+    for order in (torch.arange(48), walk, torch.randperm(48)):
+        assert neighbour_recall(nbrs, order, 8).item() == pytest.approx(nn_recall(img[order], txt[order], 8).item())

@@ -6,6 +6,8 @@ Encodes the first training file's pairs (one caption per image, no augmentation)
 does, and compares random batches with GRIT's walk, on every measure printed:
 
 * ``max-sim``: each anchor image's hardest in-batch negative text (raw cosine), the training log's measure;
+* ``mean-neg``: the mean similarity of each anchor image's in-batch negative texts;
+* ``itc-loss``: the in-batch image->text ITC loss at temperature 0.07 (ln B for uninformative features);
 * ``nn-recall@5``: the share of each image's 5 most similar texts of its search space that land in its
   batch (random: about (B - 1) / (M - 1));
 * ``hubness``: how often the most-chosen text is some image's nearest text, and the share of images whose
@@ -21,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dataset.caption_dataset import as_list, re_eval_dataset   # noqa: E402
-from dataset.grit import greedy_walk, hardness, nn_recall   # noqa: E402
+from dataset.grit import batch_hardness, greedy_walk, nn_recall   # noqa: E402
 from dataset.transforms import test_transform   # noqa: E402
 from engine.config import load_config   # noqa: E402
 from engine.retrieval_eval import encode_images, encode_texts   # noqa: E402
@@ -75,13 +77,14 @@ def main():
         i, t = img[s:s + m], txt[s:s + m]
         w = torch.from_numpy(greedy_walk(i, t, int(torch.randint(m, (1,), generator=g))))
         for name, (ii, tt) in (("random", (i, t)), ("GRIT walk", (i[w], t[w]))):
-            rows[name].append((hardness(ii, tt, b).item(), nn_recall(ii, tt, b).item()))
+            rows[name].append(batch_hardness(ii, tt, b).tolist() + [nn_recall(ii, tt, b).item()])
     most, share = hubness(img[:m * (len(img) // m)], txt[:m * (len(img) // m)])
     print(f"{len(img)} pairs, search space {m}, batch {b}; hubness over all pairs: the most-chosen text is the "
           f"nearest of {most} images; {100 * share:.1f}% of images have one of the 1% most-chosen texts as nearest")
     for name, r in rows.items():
         r = np.array(r)
-        print(f"{name:10s} max-sim {r[:, 0].mean():.4f}   nn-recall@5 {r[:, 1].mean():.4f}")
+        print(f"{name:10s} max-sim {r[:, 0].mean():.4f}   mean-neg {r[:, 1].mean():.4f}   "
+              f"itc-loss {r[:, 2].mean():.3f}   nn-recall@5 {r[:, 3].mean():.4f}")
 
 
 if __name__ == "__main__":
