@@ -42,6 +42,21 @@ def ground_truth(path, split):
     return {(str(r["image_id"]), r["caption"]): {str(x) for x in r["false_negatives"]} for r in data}
 
 
+SWEEP = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+
+
+def threshold_sweep(scores, is_fn, highs):
+    """Precision and recall of the connections (score >= high, ECM's rule) for each ``high``."""
+    s, t = torch.tensor(scores, dtype=torch.float64), torch.tensor(is_fn, dtype=torch.bool)
+    rows = []
+    for h in highs:
+        conn = s >= h
+        tp = int((conn & t).sum())
+        rows.append({"high_threshold": h, "connections": int(conn.sum()), "true_connections": tp,
+                     "precision": tp / max(int(conn.sum()), 1), "recall": tp / max(int(t.sum()), 1)})
+    return rows
+
+
 @torch.no_grad()
 def mine(filter_config, filter_checkpoint, data, image_root, batch_size=32, group_batches=8, max_items=0,
          low=0.5, high=0.8, examples=12, truth=None, device="cpu", seed=0):
@@ -61,7 +76,7 @@ def mine(filter_config, filter_checkpoint, data, image_root, batch_size=32, grou
         b, caps = b
         images.append(b["image"])
         captions += caps
-        img_f.append(model.encode_image(b["image"].to(device))[1])
+        img_f.append(model.encode_image(b["image"].to(device, disc.dtype))[1])   # bf16 filter on CUDA
         txt_f.append(model.encode_text(b["input_ids"].to(device), b["attention_mask"].to(device))[1])
         order.append(b["idx"])
     images, img_f, txt_f = torch.cat(images), torch.cat(img_f), torch.cat(txt_f)
@@ -76,6 +91,7 @@ def mine(filter_config, filter_checkpoint, data, image_root, batch_size=32, grou
     wrt_img, wrt_txt = [], []
     counts = {"connections": 0, "negatives": 0, "ambiguous": 0, "candidates": 0}
     tp = fn_candidates = 0
+    scores, is_fn = [], []   # every candidate's filter score and ground truth, for the threshold sweep
     for s in range(0, len(grouped) - batch_size + 1, batch_size):
         items = grouped[s:s + batch_size]
         rows = [pos[int(i)] for i in items]
@@ -98,6 +114,8 @@ def mine(filter_config, filter_checkpoint, data, image_root, batch_size=32, grou
                                                                         text_item["caption"]), set())
                     fn_candidates += int(true_fn)
                     tp += int(true_fn and dec[k] == CONNECTION)
+                    scores.append(prob[k])
+                    is_fn.append(true_fn)
                 if dec[k] != CONNECTION:
                     continue
                 row = {"score": round(prob[k], 4), "true_false_negative": true_fn}
@@ -111,7 +129,9 @@ def mine(filter_config, filter_checkpoint, data, image_root, batch_size=32, grou
              "low_threshold": low, "high_threshold": high}
     if truth is not None:
         stats.update(true_false_negative_candidates=fn_candidates, true_connections=tp,
-                     precision=tp / max(counts["connections"], 1), recall=tp / max(fn_candidates, 1))
+                     precision=tp / max(counts["connections"], 1), recall=tp / max(fn_candidates, 1),
+                     base_rate=fn_candidates / max(counts["candidates"], 1),
+                     sweep=threshold_sweep(scores, is_fn, sorted({*SWEEP, high})))
     return wrt_img[:examples], wrt_txt[:examples], stats
 
 
@@ -140,7 +160,17 @@ def main():
     for name, obj in (("wrt_img_examples", wrt_img), ("wrt_txt_examples", wrt_txt), ("stats", stats)):
         with open(os.path.join(a.output_dir, name + ".json"), "w") as f:
             json.dump(obj, f, indent=1)
-    print(json.dumps(stats))
+    print_stats(stats)
+
+
+def print_stats(stats):
+    """The decision counts, then (with ground truth) precision and recall over the threshold sweep."""
+    print(json.dumps({k: v for k, v in stats.items() if k != "sweep"}, indent=1))
+    if "sweep" in stats:
+        print(f"base rate of true false negatives among candidates: {stats['base_rate']:.3f}")
+        print("high_threshold  connections  precision  recall")
+        for r in stats["sweep"]:
+            print(f"{r['high_threshold']:14.2f}  {r['connections']:11d}  {r['precision']:9.3f}  {r['recall']:6.3f}")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ NESTED = {
     "schedular": {"sched", "lr", "epochs", "min_lr", "decay_rate", "warmup_lr", "warmup_epochs",
                   "cooldown_epochs", "warmup_block"},
     "grit": {"queue_size", "search_space"},
-    "ecm": {"filter_config", "filter_checkpoint", "low_threshold", "high_threshold"},
+    "ecm": {"filter_config", "filter_checkpoint", "low_threshold", "high_threshold", "filter_precision"},
 }
 KNOWN_KEYS = MODEL_KEYS | DATA_KEYS | TRAIN_KEYS | set(NESTED)
 FREE_FORM = {"loss_weights"}   # dicts whose keys are names chosen by the user

@@ -70,27 +70,38 @@ def s_itc_targets(bs, conn_i2t, n, conn_t2i, m, smoothing=0.0, device=None):
     return build(conn_i2t, n), build(conn_t2i, m)
 
 
+FILTER_PRECISIONS = ("auto", "bf16", "fp32")
+
+
 class ConnectionDiscriminator:
     """A frozen retrieval model that scores (text, image) pairs with its ITM head. Not an nn.Module
     attribute of the training model, so it is never saved, optimised or wrapped by DDP."""
 
-    def __init__(self, model, low=0.5, high=0.8):
+    def __init__(self, model, low=0.5, high=0.8, precision="auto"):
         if not 0 <= low <= high <= 1:
             raise ValueError(f"ecm thresholds must satisfy 0 <= low_threshold ({low}) <= high_threshold ({high}) <= 1")
+        if precision not in FILTER_PRECISIONS:
+            raise ValueError(f"config key 'ecm.filter_precision' must be one of {FILTER_PRECISIONS}, got {precision!r}")
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.low, self.high = low, high
+        self.low, self.high, self.precision = low, high, precision
+        self.dtype = torch.float32
 
     def to(self, device):
-        self.model.to(device)
+        """Moves the filter; on CUDA ("auto") its weights become bf16: half the memory and the fast path
+        for the extra forward per step. CPU stays fp32 unless ``precision`` is "bf16"."""
+        device = torch.device(device)
+        bf16 = self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda")
+        self.dtype = torch.bfloat16 if bf16 else torch.float32
+        self.model.to(device=device, dtype=self.dtype)
         return self
 
     @torch.no_grad()
     def match_prob(self, image, input_ids, attention_mask, text_idx, image_idx):
         """P(match) of pairs (text text_idx[j], image image_idx[j]); every image and text encoded once."""
         m = self.model
-        image_embeds = m.visual_encoder(image)
+        image_embeds = m.visual_encoder(image.to(self.dtype))
         text_embeds = m.text_bert(input_ids=input_ids, attention_mask=attention_mask, mode="text").last_hidden_state
         cls = m.fuse(text_embeds[text_idx], attention_mask[text_idx], image_embeds[image_idx])
         return F.softmax(m.itm_head(cls).float(), dim=1)[:, 1]
@@ -137,4 +148,5 @@ def build_discriminator(ecm_cfg, tokenizer, device):
         raise RuntimeError(f"filter checkpoint {ckpt!r} (config key 'ecm.filter_checkpoint') lacks {len(needed)} "
                            f"weights the filter needs: {shown}")
     return ConnectionDiscriminator(model, float(ecm_cfg.get("low_threshold", 0.5)),
-                                   float(ecm_cfg.get("high_threshold", 0.8))).to(device)
+                                   float(ecm_cfg.get("high_threshold", 0.8)),
+                                   str(ecm_cfg.get("filter_precision", "auto"))).to(device)

@@ -138,3 +138,24 @@ def test_filter_checkpoint_errors_name_the_file_and_the_keys(tmp_path):
                                 "high_threshold": 0.9}, None, "cpu")
     assert disc.high == 0.9 and not disc.model.training
     assert not any(p.requires_grad for p in disc.model.parameters())
+
+
+def test_bf16_filter_scores_like_fp32_and_precision_is_checked(tmp_path):
+    # "auto" is bf16 on CUDA; forcing it here runs the same bf16 path on the CPU
+    cfg_path, cfg = write_filter_config(tmp_path)
+    torch.manual_seed(0)
+    torch.save({"model": MODELS["retrieval"](cfg).state_dict()}, tmp_path / "f.pth")
+    ecm = {"filter_config": cfg_path, "filter_checkpoint": str(tmp_path / "f.pth")}
+    fp32 = build_discriminator(ecm, None, "cpu")
+    assert fp32.dtype == torch.float32   # auto on CPU
+    bf16 = build_discriminator({**ecm, "filter_precision": "bf16"}, None, "cpu")
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    image = torch.randn(4, 3, cfg["image_res"], cfg["image_res"])
+    ids = torch.randint(5, 100, (4, 7))
+    att = torch.ones(4, 7, dtype=torch.long)
+    att[1, 5:] = 0
+    pairs = (torch.tensor([0, 1, 2, 3, 0]), torch.tensor([1, 0, 3, 2, 0]))
+    p32, p16 = fp32.match_prob(image, ids, att, *pairs), bf16.match_prob(image, ids, att, *pairs)
+    assert p16.dtype == torch.float32 and torch.allclose(p16, p32, atol=0.05)
+    with pytest.raises(ValueError, match="ecm.filter_precision"):
+        build_discriminator({**ecm, "filter_precision": "fp16"}, None, "cpu")

@@ -30,6 +30,9 @@ def test_mining_counts_every_candidate_and_checks_ground_truth(tiny_world, tiny_
     assert stats["candidates"] == 2 * stats["batches"] * 8
     assert stats["connections"] == stats["candidates"]   # high 0: every hardest negative is connected
     assert stats["true_connections"] == stats["true_false_negative_candidates"] and stats["recall"] == 1.0
+    at = {r["high_threshold"]: r for r in stats["sweep"]}
+    assert at[0.0]["connections"] == stats["candidates"] and at[0.0]["recall"] == 1.0
+    assert [r["connections"] for r in stats["sweep"]] == sorted((r["connections"] for r in stats["sweep"]), reverse=True)
     assert 0 < len(wrt_img) and 0 < len(wrt_txt)
     assert {"anchor_image", "original_caption", "connected_caption", "score"} <= set(wrt_img[0])
     _, _, none = mine(*tiny_filter, os.path.join(tiny_world, "retrieval_train.json"), tiny_world, batch_size=8,
@@ -50,3 +53,11 @@ def test_notebook_runs_headless(tiny_world, tiny_filter, monkeypatch):
     nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": ROOT}}).execute()
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert '"candidates"' in text
+
+
+def test_threshold_sweep_by_hand():
+    from Get_ECM_example import threshold_sweep
+    rows = threshold_sweep([0.95, 0.85, 0.6, 0.3, 0.8], [True, False, True, False, True], [0.5, 0.8, 0.9])
+    assert [(r["connections"], r["true_connections"]) for r in rows] == [(4, 3), (3, 2), (1, 1)]
+    assert rows[1]["precision"] == pytest.approx(2 / 3) and rows[1]["recall"] == pytest.approx(2 / 3)
+    assert rows[2]["precision"] == 1.0 and rows[2]["recall"] == pytest.approx(1 / 3)
