@@ -6,7 +6,8 @@
 
 Variants measured in the same run: the default (SDPA attention, bf16 autocast on CUDA) against eager
 attention in fp32, the originals' setting. Figures are printed as ratios to that baseline.
-``--compare mafa``: MAFA's step (GRIT's plus the frozen filter's ECM pass) against GRIT's, same batch.
+``--compare mafa``: MAFA's step (GRIT's plus the frozen filter's ECM pass) against GRIT's, same batch, at
+both ends of the connection count (each connection adds a pair to MAFA's MLM batch): none, and all 2B.
 ``--compare vicha``: ALBEF + H-ITC, + visual concepts (8 concept tokens: ViCHA draws 4 words), + MIM, + all
 three against plain ALBEF, same batch.
 """
@@ -40,12 +41,12 @@ GRIT = {"use_momentum": False, "distill": False, "itc_consistency_weight": 0.2, 
         "mlm_probability": 0.5}
 
 
-def measure(cfg, batch, device, attn, precision, steps, warmup, with_filter=False):
+def measure(cfg, batch, device, attn, precision, steps, warmup, with_filter=None, counts=None):
     torch.manual_seed(0)
     model = ALBEF({**cfg, "attn_implementation": attn}).to(device).train()
-    if with_filter:   # a frozen retrieval model of the same size
+    if with_filter:   # a frozen retrieval model of the same size; with_filter: (low, high) thresholds
         filt = RetrievalModel({**cfg, "attn_implementation": attn, "use_momentum": False, "distill": False})
-        model.set_discriminator(ConnectionDiscriminator(filt).to(device))
+        model.set_discriminator(ConnectionDiscriminator(filt, *with_filter).to(device))
     opt = create_optimizer({"opt": "adamW", "lr": 1e-4, "weight_decay": 0.02}, model)
     vocab = model.bert_config.vocab_size
     image = torch.randn(batch, 3, cfg["image_res"], cfg["image_res"], device=device)
@@ -66,7 +67,8 @@ def measure(cfg, batch, device, attn, precision, steps, warmup, with_filter=Fals
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with ctx():
-            loss = sum(v for k, v in model(image, text, alpha=0.4, concepts=concepts).items() if k.startswith("loss"))
+            out = model(image, text, alpha=0.4, concepts=concepts)
+            loss = sum(v for k, v in out.items() if k.startswith("loss"))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -74,6 +76,10 @@ def measure(cfg, batch, device, attn, precision, steps, warmup, with_filter=Fals
             torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+            if counts is not None:   # after the timing: reading a count syncs
+                for k, v in out.items():
+                    if k.startswith("count_"):
+                        counts.setdefault(k[len("count_"):], []).append(int(v))
     sec = sorted(times)[len(times) // 2]
     peak = (torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
@@ -109,10 +115,15 @@ def main():
         prec = "bf16" if device.type == "cuda" else "fp32"
         print(f"GRIT vs MAFA pretraining step, size={a.size}, batch={a.batch}, device={device}, {prec}")
         grit, _ = measure({**cfg, **GRIT}, a.batch, device, "sdpa", prec, a.steps, a.warmup)
-        mafa, _ = measure({**cfg, **GRIT, "itc_consistency_weight": 0.0, "itc_label_smoothing": 0.5},
-                          a.batch, device, "sdpa", prec, a.steps, a.warmup, with_filter=True)
         print(f"GRIT {grit:8.2f} samples/s")
-        print(f"MAFA {mafa:8.2f} samples/s   step time {grit / mafa:.2f}x GRIT's")
+        # each connection adds one pair to MAFA's MLM batch: time the two ends, none and every candidate
+        for name, thresholds in (("no connections", (1.0, 1.0)), ("all connected", (0.0, 0.0))):
+            counts = {}
+            mafa, _ = measure({**cfg, **GRIT, "itc_consistency_weight": 0.0, "itc_label_smoothing": 0.5}, a.batch,
+                              device, "sdpa", prec, a.steps, a.warmup, with_filter=thresholds, counts=counts)
+            conn = sum(counts["ecm_connections"]) / len(counts["ecm_connections"])
+            print(f"MAFA {mafa:8.2f} samples/s   step time {grit / mafa:.2f}x GRIT's   "
+                  f"({name}: {conn:.0f} of {2 * a.batch} candidates per step)")
         return
     runs = [("baseline: eager attention, fp32", "eager", "fp32"), ("SDPA, fp32", "sdpa", "fp32")]
     if device.type == "cuda":
