@@ -1,7 +1,7 @@
 """Show the false negatives MAFA's ECM finds: mine connections with a filter on GRIT-grouped batches.
 
     python Get_ECM_example.py --filter_config configs/demo/Retrieval.yaml \
-        --filter_checkpoint output/demo_retrieval/checkpoint_best.pth --data data/demo/retrieval_train.json \
+        --filter_checkpoint output/demo_filter/checkpoint_best.pth --data data/demo/retrieval_train.json \
         --image_root data/demo --output_dir output/ecm_example --ground_truth data/demo/false_negatives.json
 
 The pairs (``{image, caption, image_id}`` items, ALBEF's retrieval-train format) are encoded once by the
