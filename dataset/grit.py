@@ -69,41 +69,29 @@ def reference_walk(img, txt, start, temp=0.07):
     return np.array(out, dtype=np.int64)
 
 
-def batch_hardness(img, txt, batch, temp=0.07):
-    """In-batch hardness of consecutive batches, as a tensor (no host sync) of three means over anchor images:
+def batch_hardness(img, txt, batch, temp=0.07, itc=True):
+    """In-batch hardness of consecutive batches, as a tensor (no host sync) of means over anchor images:
 
     0. the similarity of the hardest in-batch negative text;
     1. the mean similarity of all in-batch negative texts: a few "hub" texts near every image cannot
        dominate it the way they dominate the hardest one;
-    2. the in-batch image->text ITC loss at a fixed ``temp``: how hard the batch is for the objective itself.
+    2. (with ``itc``) the in-batch image->text ITC loss at a fixed ``temp``: how hard the batch is for the
+       objective itself.
     """
     n = len(img) // batch * batch
     if n == 0 or batch < 2:
-        return torch.full((3,), float("nan"))
+        return torch.full((3 if itc else 2,), float("nan"))
     i = img[:n].float().view(-1, batch, img.shape[1])
     t = txt[:n].float().view(-1, batch, txt.shape[1])
     sim = i @ t.transpose(1, 2)
     eye = torch.eye(batch, device=sim.device)
     hardest = (sim - 4 * eye).max(dim=2).values.mean()   # cosine >= -1: the diagonal never wins
     mean_neg = ((sim * (1 - eye)).sum(2) / (batch - 1)).mean()
-    itc = torch.nn.functional.cross_entropy((sim / temp).flatten(0, 1),
-                                            torch.arange(batch, device=sim.device).repeat(len(sim)))
-    return torch.stack([hardest, mean_neg, itc])
-
-
-def hardness(img, txt, batch):
-    """Mean over anchors of the similarity of the hardest in-batch negative text, for consecutive batches."""
-    return batch_hardness(img, txt, batch)[0]
-
-
-def nn_recall(img, txt, batch, k=5):
-    """Share of each image's ``k`` most similar texts (among these rows, its own excluded) that share its
-    consecutive batch: random order gives about (batch - 1) / (rows - 1). Unlike the hardest negative's
-    similarity, a few "hub" texts near every image cannot dominate it."""
-    n = len(img) // batch * batch
-    if n <= k or batch < 2:
-        return torch.tensor(float("nan"))
-    return neighbour_recall(neighbours(img[:n].float() @ txt[:n].float().t(), k), torch.arange(n), batch)
+    if not itc:
+        return torch.stack([hardest, mean_neg])
+    loss = torch.nn.functional.cross_entropy((sim / temp).flatten(0, 1),
+                                             torch.arange(batch, device=sim.device).repeat(len(sim)))
+    return torch.stack([hardest, mean_neg, loss])
 
 
 def neighbours(sim, k=5):
@@ -112,8 +100,10 @@ def neighbours(sim, k=5):
 
 
 def neighbour_recall(nbrs, order, batch):
-    """``nn_recall`` of the rows laid out in ``order`` (positions into ``nbrs``), from ``neighbours`` computed
-    once in the original layout: the neighbour sets do not depend on the order."""
+    """Share of each image's neighbours (``neighbours``, computed once in the original layout) that share its
+    consecutive batch once the rows are laid out in ``order``: random order gives about
+    (batch - 1) / (rows - 1). Unlike the hardest negative's similarity, a few "hub" texts near every image
+    cannot dominate it."""
     pos = torch.empty_like(order)
     pos[order] = torch.arange(len(order), device=order.device)
     group = pos.to(nbrs.device) // batch
@@ -122,6 +112,20 @@ def neighbour_recall(nbrs, order, batch):
 
 # logged per epoch as grit_<name>_random / grit_<name>_grouped, over the same features
 STATS = ("hardness", "mean_neg_sim", "itc_loss", "nn_recall")
+
+
+def order_stats(img, txt, sim, walk, batch, k=5):
+    """``STATS`` of one search space in its given (random) order and in the walk's order, as
+    ``{"<stat>_random": x, "<stat>_grouped": y}``; ``sim`` is the walk's [image, text] matrix."""
+    m = len(img)
+    nbrs = neighbours(sim, k) if m > k else None
+    out = {}
+    for name, order in (("random", torch.arange(m, device=img.device)),
+                        ("grouped", torch.as_tensor(walk, device=img.device))):
+        values = batch_hardness(img[order], txt[order], batch).tolist()
+        values.append(float(neighbour_recall(nbrs, order, batch)) if nbrs is not None else float("nan"))
+        out.update({f"{stat}_{name}": v for stat, v in zip(STATS, values)})
+    return out
 
 
 class GritCollector:
@@ -178,13 +182,8 @@ class GritCollector:
                 raise RuntimeError("GRIT walk is not a permutation of its search space")
             self.groups.append(idx[s:e][walk])
             if e - s >= self.batch:
-                w = torch.from_numpy(walk).to(img.device)
-                nbrs = neighbours(sim) if e - s > 5 else None
-                for name, order in (("random", torch.arange(e - s, device=img.device)), ("grouped", w)):
-                    values = batch_hardness(img[s:e][order], txt[s:e][order], self.batch).tolist()
-                    values.append(float(neighbour_recall(nbrs, order, self.batch)) if nbrs is not None else np.nan)
-                    for m, v in zip(STATS, values):
-                        self.stats[f"{m}_{name}"].append(v)
+                for key, v in order_stats(img[s:e], txt[s:e], sim, walk, self.batch).items():
+                    self.stats[key].append(v)
         self.ptr = 0
 
     def finish(self):

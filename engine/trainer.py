@@ -242,7 +242,7 @@ class Trainer:
                         counts[k] = counts.get(k, 0) + v.detach().double()
                 if "feats" in out:   # in-batch hardness of every step, averaged over the epoch
                     b = len(out["feats"][0])
-                    h = batch_hardness(*out["feats"], b).double()
+                    h = batch_hardness(*out["feats"], b, itc=False).double()
                     counts["hard_neg_sim_sum"] = counts.get("hard_neg_sim_sum", 0) + h[0]
                     counts["mean_neg_sim_sum"] = counts.get("mean_neg_sim_sum", 0) + h[1]
                     counts["hard_neg_sim_n"] = counts.get("hard_neg_sim_n", 0) + 1

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dataset.grit import (GritCollector, GroupedSampler, greedy_walk, hardness, next_epoch_order,
-                          reference_walk)
+from dataset.grit import (GritCollector, GroupedSampler, batch_hardness, greedy_walk, neighbour_recall, neighbours,
+                          next_epoch_order, order_stats, reference_walk, walk_similarities)
 
 
 def test_walk_follows_hand_made_nearest_neighbours():
@@ -57,14 +57,14 @@ def test_collector_groups_every_full_queue_and_the_leftover():
     assert stats["nn_recall_grouped"] > stats["nn_recall_random"]
 
 
-def test_nn_recall_counts_neighbours_in_the_same_batch():
-    from dataset.grit import nn_recall
+def test_neighbour_recall_counts_neighbours_in_the_same_batch():
     # rows 0/1, 2/3, 4/5 are near each other (pairs of nearly equal directions)
     base = torch.eye(3).repeat_interleave(2, dim=0) + 0.01 * torch.arange(6.0)[:, None]
     feats = F.normalize(base, dim=1)
-    assert nn_recall(feats, feats, batch=2, k=1).item() == 1.0        # every nearest neighbour is in the batch
-    split = torch.tensor([0, 2, 1, 4, 3, 5])                            # partners sent to other batches
-    assert nn_recall(feats[split], feats[split], batch=2, k=1).item() == 0.0
+    nbrs = neighbours(feats @ feats.t(), k=1)
+    assert neighbour_recall(nbrs, torch.arange(6), batch=2).item() == 1.0   # every nearest neighbour in the batch
+    split = torch.tensor([0, 2, 1, 4, 3, 5])                                  # partners sent to other batches
+    assert neighbour_recall(nbrs, split, batch=2).item() == 0.0
 
 
 def test_collector_state_survives_a_weights_only_checkpoint_and_gives_the_same_order():
@@ -130,18 +130,17 @@ def test_hardness_is_the_mean_hardest_negative_similarity():
     # the diagonal (each image's own text) never counts as a negative
     sim = img @ txt.t()
     expect = (sim - 4 * torch.eye(4)).max(1).values.mean().item()
-    assert float(hardness(img, txt, 4)) == pytest.approx(expect)
-    assert float(hardness(img, txt, 2)) == pytest.approx(((sim[:2, :2] - 4 * torch.eye(2)).max(1).values.sum()
+    assert float(batch_hardness(img, txt, 4)[0]) == pytest.approx(expect)
+    assert float(batch_hardness(img, txt, 2)[0]) == pytest.approx(((sim[:2, :2] - 4 * torch.eye(2)).max(1).values.sum()
                                                    + (sim[2:, 2:] - 4 * torch.eye(2)).max(1).values.sum()).item() / 4)
 
 
 def test_batch_hardness_mean_negative_and_itc_loss_by_hand():
-    from dataset.grit import batch_hardness
     img = torch.eye(4)
     txt = torch.tensor([[1.0, 0, 0, 0], [0.5, 0.5, 0, 0], [0, 0, 1, 0], [0, 0, 0.2, 0.8]])
     sim = img @ txt.t()
     hardest, mean_neg, itc = batch_hardness(img, txt, 4, temp=0.5).tolist()
-    assert hardest == pytest.approx(float(hardness(img, txt, 4)))
+    assert batch_hardness(img, txt, 4, itc=False).tolist() == pytest.approx([hardest, mean_neg])
     assert mean_neg == pytest.approx(((sim.sum(1) - sim.diag()) / 3).mean().item())
     expect = -torch.log_softmax(sim / 0.5, dim=1).diag().mean().item()
     assert itc == pytest.approx(expect)
@@ -152,11 +151,20 @@ def test_batch_hardness_mean_negative_and_itc_loss_by_hand():
     assert h2[2].item() == pytest.approx(sum(-torch.log_softmax(b / 0.5, 1).diag().sum().item() for b in blocks) / 4)
 
 
-def test_neighbour_recall_from_one_matrix_equals_nn_recall_of_the_reordered_rows():
-    from dataset.grit import neighbour_recall, neighbours, nn_recall
+def test_order_stats_reads_the_grouped_recall_off_the_original_neighbours():
     torch.manual_seed(1)
     img, txt = F.normalize(torch.randn(48, 8), dim=1), F.normalize(torch.randn(48, 8), dim=1)
-    walk = torch.from_numpy(greedy_walk(img, txt, start=5))
-    nbrs = neighbours(img @ txt.t())
-    for order in (torch.arange(48), walk, torch.randperm(48)):
-        assert neighbour_recall(nbrs, order, 8).item() == pytest.approx(nn_recall(img[order], txt[order], 8).item())
+    sim = img @ txt.t()
+    walk = walk_similarities(sim, start=5)
+    stats = order_stats(img, txt, sim, walk, batch=8)
+
+    def brute_recall(order):   # recomputed from scratch on the reordered rows
+        s = img[order] @ txt[order].t()
+        s.fill_diagonal_(-4)
+        nn = s.topk(5, dim=1).indices // 8
+        return (nn == (torch.arange(48) // 8)[:, None]).float().mean().item()
+
+    w = torch.from_numpy(walk)
+    assert stats["nn_recall_random"] == pytest.approx(brute_recall(torch.arange(48)))
+    assert stats["nn_recall_grouped"] == pytest.approx(brute_recall(w))
+    assert stats["itc_loss_grouped"] == pytest.approx(batch_hardness(img[w], txt[w], 8)[2].item())

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dataset.caption_dataset import as_list, re_eval_dataset   # noqa: E402
-from dataset.grit import batch_hardness, greedy_walk, nn_recall   # noqa: E402
+from dataset.grit import STATS, order_stats, walk_similarities   # noqa: E402
 from dataset.transforms import test_transform   # noqa: E402
 from engine.config import load_config   # noqa: E402
 from engine.retrieval_eval import encode_images, encode_texts   # noqa: E402
@@ -72,19 +72,19 @@ def main():
     perm = torch.randperm(len(img), generator=g)
     img, txt = img[perm], txt[perm]
     m, b = a.search_space, a.batch
-    rows = {"random": [], "GRIT walk": []}
+    rows = []
     for s in range(0, len(img) - m + 1, m):
         i, t = img[s:s + m], txt[s:s + m]
-        w = torch.from_numpy(greedy_walk(i, t, int(torch.randint(m, (1,), generator=g))))
-        for name, (ii, tt) in (("random", (i, t)), ("GRIT walk", (i[w], t[w]))):
-            rows[name].append(batch_hardness(ii, tt, b).tolist() + [nn_recall(ii, tt, b).item()])
+        sim = i @ t.t()
+        walk = walk_similarities(sim, int(torch.randint(m, (1,), generator=g)))
+        rows.append(order_stats(i, t, sim, walk, b))   # what the training log reports, per search space
     most, share = hubness(img[:m * (len(img) // m)], txt[:m * (len(img) // m)])
     print(f"{len(img)} pairs, search space {m}, batch {b}; hubness over all pairs: the most-chosen text is the "
           f"nearest of {most} images; {100 * share:.1f}% of images have one of the 1% most-chosen texts as nearest")
-    for name, r in rows.items():
-        r = np.array(r)
-        print(f"{name:10s} max-sim {r[:, 0].mean():.4f}   mean-neg {r[:, 1].mean():.4f}   "
-              f"itc-loss {r[:, 2].mean():.3f}   nn-recall@5 {r[:, 3].mean():.4f}")
+    mean = {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}
+    labels = dict(zip(STATS, ("max-sim", "mean-neg", "itc-loss", "nn-recall@5")))
+    for name, label in (("random", "random"), ("grouped", "GRIT walk")):
+        print(f"{label:10s} " + "   ".join(f"{labels[st]} {mean[f'{st}_{name}']:.4f}" for st in STATS))
 
 
 if __name__ == "__main__":
