@@ -8,7 +8,7 @@ from collections import defaultdict, deque
 
 import torch
 
-from engine.distributed import all_reduce_sum, is_dist
+from utils import all_reduce_sum, is_dist
 
 
 class SmoothedValue:
@@ -46,6 +46,14 @@ class MetricLogger:
         t = torch.tensor([[self.meters[k].total, self.meters[k].count] for k in keys], dtype=torch.float64)
         all_reduce_sum(t)
         return {k: (t[i, 0] / max(t[i, 1], 1)).item() for i, k in enumerate(keys)}
+
+    def state_dict(self):
+        """Epoch totals, so that a run resumed mid-epoch logs averages over the whole epoch."""
+        return {k: [m.total, m.count] for k, m in self.meters.items()}
+
+    def load_state_dict(self, state):
+        for k, (total, count) in state.items():
+            self.meters[k].total, self.meters[k].count = float(total), int(count)
 
     def line(self):
         return "  ".join(f"{k}: {m.avg:.4g}" for k, m in sorted(self.meters.items()))

@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from dataset import eval_collate, tokenize_concepts
-from engine.distributed import all_reduce_sum, get_rank, get_world_size
+from utils import all_reduce_sum, get_rank, get_world_size
 from models.xbert import SELF_ATTN_MASK_VALUE
+from schema import value
 
 FILL = -100.0
 
@@ -326,12 +327,12 @@ def itm_eval(scores_i2t, scores_t2i, txt2img, img2txt):
 # ---------------------------------------------------------------------------------------------- launcher glue
 def evaluate_split(model, dataset, tokenizer, config, device, autocast=None):
     """``itm_eval`` metrics of ``model`` on one ``re_eval_dataset``, with the config's evaluation keys."""
-    i2t, t2i, _, bad = evaluation(model, dataset, tokenizer, device, k_test=config.get("k_test", 256),
-                                  max_length=config.get("eval_max_tokens", 30),
-                                  pair_batch=config.get("eval_pair_batch", 1024),
-                                  batch_size=config.get("batch_size_test", 64),
-                                  num_workers=config.get("num_workers", 2), autocast=autocast,
-                                  vc_max_tokens=config.get("vc_max_tokens", 55))
+    i2t, t2i, _, bad = evaluation(model, dataset, tokenizer, device, k_test=value(config, "k_test"),
+                                  max_length=value(config, "eval_max_tokens"),
+                                  pair_batch=value(config, "eval_pair_batch"),
+                                  batch_size=value(config, "batch_size_test"),
+                                  num_workers=value(config, "num_workers"), autocast=autocast,
+                                  vc_max_tokens=value(config, "vc_max_tokens"))
     metrics = itm_eval(i2t, t2i, dataset.txt2img, dataset.img2txt)
     if bad:
         metrics["bad_images"] = len(bad)

@@ -4,7 +4,7 @@ import copy
 import torch
 from torch import nn
 
-from engine.distributed import concat_all_gather
+from utils import concat_all_gather
 
 
 class MomentumMixin:
@@ -14,12 +14,17 @@ class MomentumMixin:
         """Create ``<name>_m`` deep copies of the named modules and register the pairs."""
         for name in names:
             setattr(self, name + "_m", copy.deepcopy(getattr(self, name)))
+        self.momentum_names = list(names)
         self.model_pairs = [(getattr(self, n), getattr(self, n + "_m")) for n in names]
         self.copy_params()
 
     @torch.no_grad()
-    def copy_params(self):
-        for online, mom in self.model_pairs:
+    def copy_params(self, names=None):
+        """``<name>_m`` = ``<name>`` (all pairs, or the named ones): at construction, and after loading a
+        checkpoint that has no momentum weights (GRIT / MAFA, text-assignment pretraining)."""
+        for n, (online, mom) in zip(getattr(self, "momentum_names", []), self.model_pairs):
+            if names is not None and n not in names:
+                continue
             for p, p_m in zip(online.parameters(), mom.parameters()):
                 p_m.data.copy_(p.data)
                 p_m.requires_grad = False

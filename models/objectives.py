@@ -2,7 +2,13 @@
 import torch
 import torch.nn.functional as F
 
-from engine.distributed import concat_all_gather, get_rank
+from utils import concat_all_gather, get_rank
+
+
+def fp32(device):
+    """A region without autocast: ITC similarities (over a 65,536-entry queue), their softmaxes, distillation
+    targets and ITM negative weights stay fp32 under bf16 autocast (bf16 keeps 8 bits of mantissa)."""
+    return torch.autocast(device_type=torch.device(device).type, enabled=False)
 
 
 def soft_target_ce(logits, targets):
@@ -25,9 +31,10 @@ def hard_negative_weights(sim, positives):
     same image) has no valid negative: it gets uniform weights and ``valid`` False, so the caller can drop
     that pair instead of crashing as ALBEF's multinomial does.
     """
-    sim = torch.nan_to_num(sim.float(), nan=0.0, posinf=1e4, neginf=-1e4)
     valid = (~positives).any(dim=1)
-    w = sim.masked_fill(positives, float("-inf")).softmax(dim=1)
+    with fp32(sim.device):
+        sim = torch.nan_to_num(sim.float(), nan=0.0, posinf=1e4, neginf=-1e4)
+        w = sim.masked_fill(positives, float("-inf")).softmax(dim=1)
     w = torch.where(valid[:, None], w, torch.ones_like(w))
     return w, valid
 
@@ -91,7 +98,8 @@ def hidden_itc_loss(image_feat, text_feat, temp):
     text_all = concat_all_gather(text_feat.detach())
     bs = image_feat.shape[0]
     labels = torch.arange(bs, device=image_feat.device) + get_rank() * bs
-    temp = temp.float()
-    loss_i2t = F.cross_entropy((image_feat.float() @ text_all.float().t()) / temp, labels)
-    loss_t2i = F.cross_entropy((text_feat.float() @ image_all.float().t()) / temp, labels)
+    with fp32(image_feat.device):
+        temp = temp.float()
+        loss_i2t = F.cross_entropy((image_feat.float() @ text_all.float().t()) / temp, labels)
+        loss_t2i = F.cross_entropy((text_feat.float() @ image_all.float().t()) / temp, labels)
     return (loss_i2t + loss_t2i) / 2
