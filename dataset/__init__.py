@@ -1,6 +1,8 @@
 """Datasets, transforms and collate functions by task name."""
 import torch
 
+from schema import value
+
 from dataset.caption_dataset import pretrain_dataset, re_eval_dataset, re_train_dataset
 from dataset.transforms import test_transform, train_transform
 
@@ -8,30 +10,33 @@ from dataset.transforms import test_transform, train_transform
 def concept_options(config, train=True):
     """``sample_concepts`` options from ViCHA's keys, or None without ``kw_img_model``. Evaluation uses every
     concept in order (ViCHA's downstream configs: no ``randkw_p``)."""
-    if not config.get("kw_img_model"):
+    if not value(config, "kw_img_model"):
         return None
-    p = config.get("randkw_p") if train else None
+    p = value(config, "randkw_p") if train else None
     if p is not None and not 0 < float(p) <= 1:
         raise ValueError(f"config key 'randkw_p' must be in (0, 1] or null, got {p!r}")
-    return {"p": None if p is None else float(p), "replacement": bool(config.get("vc_sample_replacement", False)),
-            "sep_token": bool(config.get("sep_token", False))}
+    return {"p": None if p is None else float(p), "replacement": bool(value(config, "vc_sample_replacement")),
+            "sep_token": bool(value(config, "sep_token"))}
 
 
 def create_dataset(name, config, seed=0):
-    res = config["image_res"]
-    root = config.get("image_root")
-    if name == "pretrain":
-        tf = train_transform(res, config.get("train_crop_scale", (0.2, 1.0)), config.get("randaugment", True))
-        return pretrain_dataset(config["train_file"], tf, config.get("max_words", 30), image_root=root, seed=seed,
-                                concepts=concept_options(config))
-    if name == "re_train":
-        tf = train_transform(res, config.get("train_crop_scale", (0.5, 1.0)), config.get("randaugment", True))
-        return re_train_dataset(config["train_file"], tf, root, config.get("max_words", 30), seed=seed,
-                                concepts=concept_options(config))
+    res = value(config, "image_res")
+    root = value(config, "image_root")
+    common = {"concepts": concept_options(config, train=name in ("pretrain", "re_train")),
+              "truncated_ok": value(config, "load_truncated_images")}
+    if name in ("pretrain", "re_train"):
+        task = "pretrain" if name == "pretrain" else "retrieval"
+        if value(config, "train_file") is None:
+            raise ValueError("missing required config key 'train_file'")
+        tf = train_transform(res, value(config, "train_crop_scale", task), value(config, "randaugment"))
+        if name == "pretrain":
+            return pretrain_dataset(config["train_file"], tf, value(config, "max_words"), image_root=root, seed=seed,
+                                    **common)
+        return re_train_dataset(config["train_file"], tf, root, value(config, "max_words"), seed=seed, **common)
     if name in ("re_val", "re_test"):
         key = "val_file" if name == "re_val" else "test_file"
-        return re_eval_dataset(config[key], test_transform(res), root, config.get("max_words", 30),
-                               config_key=key, image_res=res, concepts=concept_options(config, train=False))
+        return re_eval_dataset(config[key], test_transform(res), root, value(config, "max_words"),
+                               config_key=key, image_res=res, **common)
     raise ValueError(f"unknown dataset {name!r}")
 
 

@@ -11,6 +11,7 @@ from models.checkpoint import init_text_encoder, init_visual_encoder
 from models.momentum import MomentumMixin
 from models.vit import build_vit
 from models.xbert import BertConfig, BertForMaskedLM, BertLMHeadModel, BertModel
+from schema import value
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,16 +20,18 @@ def bert_config_from(config, **overrides):
     """``bert_config`` (a JSON path, relative to the cwd or the repo, or inline keys) -> BertConfig."""
     if "bert_config" not in config:
         raise KeyError("config key 'bert_config' is required (path to config_bert.json or its keys inline)")
-    value = config["bert_config"]
-    if isinstance(value, str) and not os.path.exists(value) and os.path.exists(os.path.join(REPO_ROOT, value)):
-        value = os.path.join(REPO_ROOT, value)
-    bc = BertConfig.from_config(value)
-    if config.get("attn_implementation"):
-        bc = bc.replace(attn_implementation=config["attn_implementation"])
-    if config.get("grad_checkpointing"):
+    bert = config["bert_config"]
+    if isinstance(bert, str) and not os.path.exists(bert) and os.path.exists(os.path.join(REPO_ROOT, bert)):
+        bert = os.path.join(REPO_ROOT, bert)
+    if isinstance(bert, str) and not os.path.exists(bert):
+        raise FileNotFoundError(f"config key 'bert_config': no such file {bert!r}")
+    bc = BertConfig.from_config(bert)
+    if value(config, "attn_implementation"):
+        bc = bc.replace(attn_implementation=value(config, "attn_implementation"))
+    if value(config, "grad_checkpointing"):
         bc = bc.replace(gradient_checkpointing=True)
     bc = bc.replace(**overrides)
-    vw = config.get("vision_width", 768)
+    vw = value(config, "vision_width")
     if bc.fusion_layer < bc.num_hidden_layers and bc.encoder_width != vw:
         raise ValueError(f"bert_config.encoder_width ({bc.encoder_width}) must equal vision_width ({vw}): "
                          "the fusion layers cross-attend to the ViT tokens")
@@ -44,11 +47,11 @@ class ALBEFBase(MomentumMixin, nn.Module):
         bc = bert_config_from(config, **(bert_overrides or {}))
         self.bert_config = bc
         self.text_encoder = text_cls(bc)
-        if config.get("vision_init"):
+        if value(config, "vision_init"):
             init_visual_encoder(self.visual_encoder, config["vision_init"])
-        if config.get("text_encoder"):
+        if value(config, "text_encoder"):
             init_text_encoder(self.text_encoder, config["text_encoder"])
-        self.momentum = config.get("momentum", 0.995)
+        self.momentum = value(config, "momentum")
         vc.build_concept_encoder(self, config, bc)   # ViCHA's visual concepts (kw_img_model: true)
         return bc
 
@@ -59,15 +62,15 @@ class ALBEFBase(MomentumMixin, nn.Module):
         super().make_momentum(*names)
 
     def build_contrastive_heads(self, config):
-        vw, tw, ed = config.get("vision_width", 768), self.bert_config.hidden_size, config["embed_dim"]
+        vw, tw, ed = value(config, "vision_width"), self.bert_config.hidden_size, value(config, "embed_dim")
         self.vision_proj = nn.Linear(vw, ed)
         self.text_proj = nn.Linear(tw, ed)
-        self.temp = nn.Parameter(torch.ones([]) * config["temp"])
+        self.temp = nn.Parameter(torch.ones([]) * value(config, "temp"))
         self.itm_head = nn.Linear(tw, 2)
         # GRIT-VLP / MAFA switches; the defaults are ALBEF's
-        self.use_momentum = config.get("use_momentum", True)
-        self.itc_consistency = float(config.get("itc_consistency_weight", 0.0))
-        sel = config.get("itm_negative_selection", "multinomial")
+        self.use_momentum = value(config, "use_momentum")
+        self.itc_consistency = float(value(config, "itc_consistency_weight"))
+        sel = value(config, "itm_negative_selection")
         if sel not in ("multinomial", "argmax", "uniform"):
             raise ValueError("config key 'itm_negative_selection' must be 'multinomial', 'argmax' or 'uniform', "
                              f"not {sel!r}")
@@ -77,7 +80,7 @@ class ALBEFBase(MomentumMixin, nn.Module):
     def build_hidden_alignment(self, config):
         """ViCHA's H-ITC: ``num_hidden_align`` extra levels pairing the last ViT blocks before the final one
         with the last text layers before the final one (ViCHA: blocks 7-11 with text layers 1-5)."""
-        n = int(config.get("num_hidden_align", 5)) if config.get("return_hidden_state") else 0
+        n = int(value(config, "num_hidden_align")) if value(config, "return_hidden_state") else 0
         self.num_hidden_align = n
         if not n:
             return
@@ -85,13 +88,13 @@ class ALBEFBase(MomentumMixin, nn.Module):
         if n >= min(depth, text_layers):
             raise ValueError(f"config key 'num_hidden_align' ({n}) must be below the ViT depth ({depth}) and the "
                              f"number of text layers ({text_layers})")
-        weights = list(config.get("ita_hidden_weights") or [1.0] * n)
+        weights = list(value(config, "ita_hidden_weights") or [1.0] * n)
         if len(weights) != n:
             raise ValueError(f"config key 'ita_hidden_weights' has {len(weights)} entries, num_hidden_align is {n}")
-        vw, tw, ed = config.get("vision_width", 768), self.bert_config.hidden_size, config["embed_dim"]
+        vw, tw, ed = value(config, "vision_width"), self.bert_config.hidden_size, value(config, "embed_dim")
         self.vision_proj_hidden = nn.ModuleList(nn.Linear(vw, ed) for _ in range(n))
         self.text_proj_hidden = nn.ModuleList(nn.Linear(tw, ed) for _ in range(n))
-        self.ita_hidden_weight = float(config.get("ita_hidden_weight", 1.0))
+        self.ita_hidden_weight = float(value(config, "ita_hidden_weight"))
         self.ita_hidden_weights = [float(w) for w in weights]
 
     def hidden_itc(self, image_hidden, text_hidden):
@@ -173,36 +176,42 @@ class ALBEFBase(MomentumMixin, nn.Module):
     # ---- objectives
     def itc(self, image_feat, text_feat, image_feat_m, text_feat_m, positives, alpha):
         """ITC against momentum features + queue. ``positives`` is [bs, bs + Q] bool. Returns (loss, sims)."""
-        image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1)
-        text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1)
-        temp = self.temp.float()
-        sim_i2t = image_feat @ text_feat_all / temp
-        sim_t2i = text_feat @ image_feat_all / temp
-        with torch.no_grad():
-            pos = positives.float()
-            if alpha > 0:
-                t_i2t = objectives.itc_targets(image_feat_m @ text_feat_all / temp, pos, alpha)
-                t_t2i = objectives.itc_targets(text_feat_m @ image_feat_all / temp, pos, alpha)
-            else:
-                t_i2t = t_t2i = objectives.itc_targets(None, pos, 0)
-        loss = (objectives.soft_target_ce(sim_i2t, t_i2t) + objectives.soft_target_ce(sim_t2i, t_t2i)) / 2
+        with objectives.fp32(image_feat.device):
+            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1).float()
+            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1).float()
+            temp = self.temp.float()
+            sim_i2t = image_feat.float() @ text_feat_all / temp
+            sim_t2i = text_feat.float() @ image_feat_all / temp
+            with torch.no_grad():
+                pos = positives.float()
+                if alpha > 0:
+                    t_i2t = objectives.itc_targets(image_feat_m.float() @ text_feat_all / temp, pos, alpha)
+                    t_t2i = objectives.itc_targets(text_feat_m.float() @ image_feat_all / temp, pos, alpha)
+                else:
+                    t_i2t = t_t2i = objectives.itc_targets(None, pos, 0)
+            loss = (objectives.soft_target_ce(sim_i2t, t_i2t) + objectives.soft_target_ce(sim_t2i, t_t2i)) / 2
         return loss, sim_i2t, sim_t2i
 
     def in_batch_sims(self, image_feat, text_feat):
         """(sim_i2t, sim_t2i) over the batch only (GRIT-VLP): the keys are the other modality's features,
         detached as in GRIT (each direction trains one tower, as with ALBEF's momentum keys)."""
-        temp = self.temp.float()
-        return image_feat @ text_feat.detach().t() / temp, text_feat @ image_feat.detach().t() / temp
+        with objectives.fp32(image_feat.device):
+            temp = self.temp.float()
+            image_feat, text_feat = image_feat.float(), text_feat.float()
+            return image_feat @ text_feat.detach().t() / temp, text_feat @ image_feat.detach().t() / temp
 
     def in_batch_itc_loss(self, sim_i2t, sim_t2i, targets_i2t, targets_t2i):
         """Soft-target ITC over in-batch similarities; with ``itc_consistency_weight`` > 0 each direction is
         also pulled toward the other's detached distribution (GRIT's consistency term)."""
-        loss = (objectives.soft_target_ce(sim_i2t, targets_i2t) + objectives.soft_target_ce(sim_t2i, targets_t2i)) / 2
-        if self.itc_consistency > 0:
-            with torch.no_grad():
-                p_i2t, p_t2i = sim_i2t.float().softmax(1), sim_t2i.float().softmax(1)
-            consistency = (objectives.soft_target_ce(sim_i2t, p_t2i) + objectives.soft_target_ce(sim_t2i, p_i2t)) / 2
-            loss = loss + self.itc_consistency * consistency
+        with objectives.fp32(sim_i2t.device):
+            loss = (objectives.soft_target_ce(sim_i2t, targets_i2t) +
+                    objectives.soft_target_ce(sim_t2i, targets_t2i)) / 2
+            if self.itc_consistency > 0:
+                with torch.no_grad():
+                    p_i2t, p_t2i = sim_i2t.float().softmax(1), sim_t2i.float().softmax(1)
+                consistency = (objectives.soft_target_ce(sim_i2t, p_t2i) +
+                               objectives.soft_target_ce(sim_t2i, p_i2t)) / 2
+                loss = loss + self.itc_consistency * consistency
         return loss
 
     def itc_in_batch(self, image_feat, text_feat, positives):

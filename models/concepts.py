@@ -13,27 +13,28 @@ from torch import nn
 
 from models.checkpoint import init_text_encoder
 from models.xbert import BertModel
+from schema import value
 
 
 def enabled(config):
-    return bool(config.get("kw_img_model", False))
+    return bool(value(config, "kw_img_model"))
 
 
 def build_concept_encoder(model, config, bert_config):
     """Add ``kw_encoder`` (a text-only BERT of ``num_hidden_layers_kw`` layers, initialised like the text
     encoder: bert-base layers 0..n-1) and ``kw_proj`` (text width -> vision width) to ``model``."""
     model.use_concepts = enabled(config)
-    model.vc_mask_padding = bool(config.get("vc_mask_padding", True))
+    model.vc_mask_padding = bool(value(config, "vc_mask_padding"))
     if not model.use_concepts:
         return
-    layers = int(config.get("num_hidden_layers_kw", 2))
+    layers = int(value(config, "num_hidden_layers_kw"))
     if layers < 1:
         raise ValueError(f"config key 'num_hidden_layers_kw' must be at least 1, got {layers}")
     kw_config = bert_config.replace(num_hidden_layers=layers, fusion_layer=layers)
     model.kw_encoder = BertModel(kw_config)
-    if config.get("text_encoder"):
+    if value(config, "text_encoder"):
         init_text_encoder(model.kw_encoder, config["text_encoder"])
-    model.kw_proj = nn.Linear(bert_config.hidden_size, config.get("vision_width", 768))
+    model.kw_proj = nn.Linear(bert_config.hidden_size, value(config, "vision_width"))
 
 
 def encode_concepts(model, concepts, momentum=False):

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from timm.models.vision_transformer import Block
 from torch import nn
+from schema import value
 
 
 def sincos_pos_embed(dim, grid, cls_token=True):
@@ -30,19 +31,19 @@ def sincos_pos_embed(dim, grid, cls_token=True):
 
 def build_mim(model, config):
     """Add the decoder to ``model`` when ``mae: true`` (ViCHA's unimodal MIM)."""
-    model.mim = bool(config.get("mae", False))
+    model.mim = bool(value(config, "mae"))
     if not model.mim:
         return
-    if not config.get("unimodal_mae", True):
+    if not value(config, "unimodal_mae"):
         raise ValueError("config key 'unimodal_mae': only ViCHA's unimodal MIM (the path its configs use) is built")
     vit = model.visual_encoder
     dim, patch = vit.pos_embed.shape[-1], vit.patch_embed.patch_size[0]
-    heads = int(config.get("mim_decoder_heads", 16))
+    heads = int(value(config, "mim_decoder_heads"))
     if dim % heads:
         raise ValueError(f"config key 'mim_decoder_heads' ({heads}) must divide vision_width ({dim})")
     grid = int(vit.patch_embed.num_patches ** 0.5)
-    model.mask_ratio = float(config.get("mask_ratio", 0.75))
-    model.mae_lambda = float(config.get("mae_lambda", 1.0))
+    model.mask_ratio = float(value(config, "mask_ratio"))
+    model.mae_lambda = float(value(config, "mae_lambda"))
     model.decoder_embed = nn.Linear(dim, dim)
     model.mask_token = nn.Parameter(torch.zeros(1, 1, dim))   # ViCHA's final init: zeros
     model.decoder_pos_embed = nn.Parameter(sincos_pos_embed(dim, grid)[None], requires_grad=False)

@@ -3,6 +3,7 @@ import torch
 
 from models.base import ALBEFBase, BertModel, text_inputs
 from models.classifier import cls_head, distilled_ce
+from schema import value
 
 
 def nlvr_num_layers(bc):
@@ -28,7 +29,7 @@ class ALBEF(ALBEFBase):
         self.build_encoders(config, text_cls=BertModel, bert_overrides={"num_hidden_layers": nlvr_num_layers(base)})
         share_cross_attention(self.text_encoder.encoder, self.bert_config.fusion_layer)
         self.cls_head = cls_head(self.bert_config.hidden_size, 2)
-        self.distill = config.get("distill", True)
+        self.distill = value(config, "distill") is not False
         if self.distill:   # deepcopy keeps the K/V sharing inside the momentum copy
             self.make_momentum("visual_encoder", "text_encoder", "cls_head")
 

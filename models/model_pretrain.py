@@ -8,6 +8,7 @@ from models import objectives
 from models.base import ALBEFBase, BertForMaskedLM, text_inputs
 from models.momentum import dequeue_and_enqueue, init_queues
 from models.xbert import BertConfig
+from schema import value
 
 # ALBEF / BERT special ids; a tokenizer passed to the model overrides them
 DEFAULT_IDS = {"pad": 0, "cls": 101, "mask": 103}
@@ -25,10 +26,10 @@ class ALBEF(ALBEFBase):
         super().__init__()
         self.build_encoders(config, text_cls=BertForMaskedLM)
         self.build_contrastive_heads(config)
-        self.mlm_probability = config.get("mlm_probability", 0.15)
-        self.distill = config.get("distill", self.use_momentum)
+        self.mlm_probability = value(config, "mlm_probability")
+        self.distill = self.use_momentum if value(config, "distill") is None else value(config, "distill")
         # ALBEF's released checkpoints predate the fix of the log-softmax axis (spec §1.9)
-        self.distill_dim = 1 if config.get("mlm_distill_seq_axis_bug", False) else -1
+        self.distill_dim = 1 if value(config, "mlm_distill_seq_axis_bug") else -1
         ids = dict(DEFAULT_IDS)
         if tokenizer is not None:
             ids = {"pad": tokenizer.pad_token_id, "cls": tokenizer.cls_token_id, "mask": tokenizer.mask_token_id}
@@ -38,13 +39,13 @@ class ALBEF(ALBEFBase):
         self.special_ids = ids
         if self.use_momentum:
             self.make_momentum("visual_encoder", "vision_proj", "text_encoder", "text_proj")
-            init_queues(self, config["embed_dim"], config["queue_size"])
+            init_queues(self, value(config, "embed_dim"), value(config, "queue_size"))
         elif self.distill:
             raise ValueError("config key 'distill' needs momentum encoders: set 'distill: false' "
                              "with 'use_momentum: false'")
         # MAFA: S-ITC smoothing (from smoothing_start_epoch) and ECM once a filter is attached
-        self.itc_smoothing = float(config.get("itc_label_smoothing", 0.0))
-        self.smoothing_start_epoch = int(config.get("smoothing_start_epoch", 1))
+        self.itc_smoothing = float(value(config, "itc_label_smoothing"))
+        self.smoothing_start_epoch = int(value(config, "smoothing_start_epoch"))
         self.epoch = 0
         self._discriminator = []   # a list, so the frozen filter is no submodule: never saved or optimised
         mim.build_mim(self, config)   # ViCHA's masked image modelling (mae: true)

@@ -3,6 +3,7 @@ import torch
 
 from models.base import ALBEFBase, BertModel, text_inputs
 from models.momentum import dequeue_and_enqueue, init_queues
+from schema import value
 
 
 class ALBEF(ALBEFBase):
@@ -16,10 +17,10 @@ class ALBEF(ALBEFBase):
         super().__init__()
         self.build_encoders(config, text_cls=BertModel)
         self.build_contrastive_heads(config)
-        self.distill = config.get("distill", self.use_momentum)
+        self.distill = self.use_momentum if value(config, "distill") is None else value(config, "distill")
         if self.use_momentum:
             self.make_momentum("visual_encoder", "vision_proj", "text_encoder", "text_proj")
-            init_queues(self, config["embed_dim"], config["queue_size"], with_idx=True)
+            init_queues(self, value(config, "embed_dim"), value(config, "queue_size"), with_idx=True)
         elif self.distill:
             raise ValueError("config key 'distill' needs momentum encoders: set 'distill: false' "
                              "with 'use_momentum: false'")

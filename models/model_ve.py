@@ -3,6 +3,7 @@ import torch
 
 from models.base import ALBEFBase, BertModel, text_inputs
 from models.classifier import cls_head, distilled_ce
+from schema import value
 
 
 class ALBEF(ALBEFBase):
@@ -14,7 +15,7 @@ class ALBEF(ALBEFBase):
         super().__init__()
         self.build_encoders(config, text_cls=BertModel)
         self.cls_head = cls_head(self.bert_config.hidden_size, self.num_classes)
-        self.distill = config.get("distill", True)
+        self.distill = value(config, "distill") is not False
         if self.distill:
             self.make_momentum("visual_encoder", "text_encoder", "cls_head")
 

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from models.base import ALBEFBase, BertLMHeadModel, BertModel, text_inputs
+from schema import value
 
 
 class ALBEF(ALBEFBase):
@@ -19,14 +20,14 @@ class ALBEF(ALBEFBase):
         dec_bc = bc.replace(fusion_layer=0, num_hidden_layers=bc.num_hidden_layers - bc.fusion_layer,
                             encoder_width=bc.hidden_size)
         self.text_decoder = BertLMHeadModel(dec_bc)
-        if config.get("text_decoder"):
+        if value(config, "text_decoder"):
             from models.checkpoint import init_text_encoder
             init_text_encoder(self.text_decoder, config["text_decoder"], config_key="text_decoder")
-        self.distill = config.get("distill", True)
+        self.distill = value(config, "distill") is not False
         # released vqa.pth was fine-tuned before ALBEF passed alpha to the decoder (spec §6.2)
-        self.decoder_distill = config.get("decoder_distill", True)
+        self.decoder_distill = value(config, "decoder_distill")
         # released numbers count the first answer token twice when ranking (spec §6.2 step 4)
-        self.rank_double_count = config.get("rank_answer_double_count", True)
+        self.rank_double_count = value(config, "rank_answer_double_count")
         self.pad_token_id = tokenizer.pad_token_id if tokenizer is not None else 0
         if self.distill:
             self.make_momentum("visual_encoder", "text_encoder", "text_decoder")

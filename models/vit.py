@@ -6,6 +6,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.models.vision_transformer import VisionTransformer as _TimmViT
 from torch import nn
+from schema import value
 
 
 class VisionTransformer(_TimmViT):
@@ -88,13 +89,13 @@ class VisionTransformer(_TimmViT):
 def build_vit(config, image_res=None):
     """ViT from an ALBEF-style config dict (size keys default to ViT-B/16)."""
     return VisionTransformer(
-        img_size=image_res or config["image_res"],
-        patch_size=config.get("patch_size", 16),
-        embed_dim=config.get("vision_width", 768),
-        depth=config.get("vision_depth", 12),
-        num_heads=config.get("vision_heads", 12),
-        mlp_ratio=config.get("mlp_ratio", 4.0),
-        grad_checkpointing=bool(config.get("grad_checkpointing", False)),
+        img_size=image_res or value(config, "image_res"),
+        patch_size=value(config, "patch_size"),
+        embed_dim=value(config, "vision_width"),
+        depth=value(config, "vision_depth"),
+        num_heads=value(config, "vision_heads"),
+        mlp_ratio=value(config, "mlp_ratio"),
+        grad_checkpointing=bool(value(config, "grad_checkpointing")),
     )
 
 

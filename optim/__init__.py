@@ -2,12 +2,12 @@
 import torch
 from timm.optim import create_optimizer_v2
 
+from schema import value
 
-def param_groups(model, weight_decay, decay_0d=False):
-    """[no decay: biases, norms (1-d), 0-d scalars such as temp; decay: the rest]. Frozen params excluded.
 
-    ``decay_0d=True`` decays 0-d parameters (``temp``) as ALBEF does.
-    """
+def param_groups(model, weight_decay, decay_0d=True):
+    """[no decay: biases, norms (1-d); decay: the rest, with the 0-d ``temp`` as ALBEF does]. Frozen params
+    excluded. ``decay_0d=False`` (``optimizer.decay_0d``) exempts 0-d scalars from decay."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -20,14 +20,18 @@ def param_groups(model, weight_decay, decay_0d=False):
 
 
 def create_optimizer(cfg, model):
-    opt = str(cfg.get("opt", "adamW")).lower()
-    wd = float(cfg.get("weight_decay", 0.0))
-    groups = param_groups(model, wd, bool(cfg.get("decay_0d", False)))
+    c = {"optimizer": cfg}
+    opt = str(value(c, "optimizer.opt")).lower()
+    wd = float(value(c, "optimizer.weight_decay"))
+    groups = param_groups(model, wd, bool(value(c, "optimizer.decay_0d")))
     kw = {}
     if opt in ("adamw", "adam") and any(p.is_cuda for g in groups for p in g["params"]):
-        kw["fused"] = bool(cfg.get("fused", True))
-    return create_optimizer_v2(groups, opt=opt, lr=float(cfg["lr"]), weight_decay=wd,
-                               **({"betas": tuple(cfg["betas"])} if "betas" in cfg else {}), **kw)
+        kw["fused"] = bool(value(c, "optimizer.fused"))
+    if value(c, "optimizer.betas") is not None:
+        kw["betas"] = tuple(value(c, "optimizer.betas"))
+    if value(c, "optimizer.momentum") is not None:
+        kw["momentum"] = float(value(c, "optimizer.momentum"))
+    return create_optimizer_v2(groups, opt=opt, lr=float(value(c, "optimizer.lr")), weight_decay=wd, **kw)
 
 
 __all__ = ["create_optimizer", "param_groups", "torch"]

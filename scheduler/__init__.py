@@ -6,20 +6,22 @@ learning rate for iteration ``i`` of ``epoch`` from those rules, so a resumed ru
 """
 from timm.scheduler import create_scheduler_v2
 
-WARMUP_BLOCK = 100
+from schema import value
 
 
 class ALBEFScheduler:
     def __init__(self, cfg, optimizer):
-        sched = str(cfg.get("sched", "cosine"))
-        self.warmup = int(cfg.get("warmup_epochs", 0))
-        self.block = int(cfg.get("warmup_block", WARMUP_BLOCK))
-        epochs = int(cfg["epochs"])
+        c = {"schedular": cfg}
+        sched = str(value(c, "schedular.sched"))
+        self.warmup = int(value(c, "schedular.warmup_epochs"))
+        self.block = int(value(c, "schedular.warmup_block"))
+        epochs = int(value(c, "schedular.epochs"))
+        lr = float(value(c, "schedular.lr"))
         # timm: with warmup_prefix the cosine runs over t_initial = num_epochs after the warm-up steps
         self.timm, _ = create_scheduler_v2(
-            optimizer, sched=sched, num_epochs=epochs, min_lr=float(cfg.get("min_lr", 0.0)),
-            warmup_lr=float(cfg.get("warmup_lr", cfg["lr"])), warmup_epochs=self.warmup, warmup_prefix=True,
-            decay_rate=float(cfg.get("decay_rate", 1.0)), cooldown_epochs=int(cfg.get("cooldown_epochs", 0)),
+            optimizer, sched=sched, num_epochs=epochs, min_lr=float(value(c, "schedular.min_lr")),
+            warmup_lr=float(lr if value(c, "schedular.warmup_lr") is None else value(c, "schedular.warmup_lr")), warmup_epochs=self.warmup, warmup_prefix=True,
+            decay_rate=float(value(c, "schedular.decay_rate")), cooldown_epochs=int(value(c, "schedular.cooldown_epochs")),
             cycle_limit=1)
         self.optimizer = optimizer
         self.epochs = epochs

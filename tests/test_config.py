@@ -1,4 +1,9 @@
+import glob
+import os
+import sys
+
 import pytest
+import torch
 
 from engine.config import ConfigError, apply_overrides, load_config, str2bool, validate
 
@@ -74,5 +79,138 @@ def test_optimizer_groups_exclude_bias_norm_and_frozen():
     no_decay, decay = opt.param_groups
     assert no_decay["weight_decay"] == 0 and decay["weight_decay"] == 0.02
     ids = {id(p) for g in opt.param_groups for p in g["params"]}
-    assert id(m.vision_proj_m.weight) not in ids and id(m.temp) in {id(p) for p in no_decay["params"]}
-    assert all(p.ndim <= 1 for p in no_decay["params"]) and all(p.ndim >= 2 for p in decay["params"])
+    # ALBEF decays the 0-d temp (its optimizer excludes only 1-d parameters and biases)
+    assert id(m.vision_proj_m.weight) not in ids and id(m.temp) in {id(p) for p in decay["params"]}
+    assert all(p.ndim == 1 for p in no_decay["params"]) and all(p.ndim != 1 for p in decay["params"])
+    _, decay = create_optimizer({"opt": "adamW", "lr": 1e-4, "weight_decay": 0.02, "decay_0d": False}, m).param_groups
+    assert id(m.temp) not in {id(p) for p in decay["params"]}
+
+
+def test_wrong_types_ranges_and_missing_keys_are_named():
+    base = {"bert_config": "configs/config_bert.json", "image_res": 256, "train_file": ["a.json"], "batch_size": 8,
+            "optimizer": {"lr": 1e-4}, "schedular": {"lr": 1e-4, "epochs": 1}}
+
+    def check(task="pretrain", **kw):
+        cfg = {**base, **kw}
+        return validate(cfg, task=task)
+    assert check(batch_size="64")["batch_size"] == 64 and check(optimizer={"lr": "1e-4"})["optimizer"]["lr"] == 1e-4
+    with pytest.raises(ConfigError, match="'batch_size' must be an integer, got 'sixty'"):
+        check(batch_size="sixty")
+    with pytest.raises(ConfigError, match="'batch_size' must be an integer, got 8.5"):
+        check(batch_size=8.5)
+    with pytest.raises(ConfigError, match=r"'schedular.lr' must be >= 0, got -0.0001"):
+        check(schedular={"lr": -1e-4, "epochs": 1})
+    with pytest.raises(ConfigError, match=r"'momentum' must be <= 1"):
+        check(momentum=1.5)
+    with pytest.raises(ConfigError, match="'distill' must be true or false"):
+        check(distill="maybe")
+    with pytest.raises(ConfigError, match="'precision' must be one of"):
+        check(precision="fp16")
+    with pytest.raises(ConfigError, match="'train_file' must be a file path or a list"):
+        check(train_file=3)
+    with pytest.raises(ConfigError, match="missing required key 'image_res'"):
+        validate({k: v for k, v in base.items() if k != "image_res"})
+    with pytest.raises(ConfigError, match="missing required key 'schedular.epochs'"):
+        check(schedular={"lr": 1e-4})
+    with pytest.raises(ConfigError, match="missing required key 'batch_size'"):
+        validate({k: v for k, v in base.items() if k != "batch_size"}, task="pretrain")
+    with pytest.raises(ConfigError, match="missing required key 'batch_size_train'"):
+        check(task="retrieval")
+    with pytest.raises(ConfigError, match="'ecm.low_threshold'.*must not exceed"):
+        check(ecm={"filter_config": "f.yaml", "filter_checkpoint": "f.pth", "low_threshold": 0.9})
+    with pytest.raises(ConfigError, match="'loss_weights.loss_itm' must be >= 0"):
+        check(loss_weights={"loss_itm": -1})
+
+
+def test_defaults_live_in_the_schema_once():
+    import subprocess
+    from schema import KEYS, value
+    assert value({}, "num_workers") == 4 and value({}, "max_tokens", "pretrain") == 25
+    assert value({}, "train_crop_scale", "retrieval") == [0.5, 1.0] and value({}, "optimizer.decay_0d") is True
+    with pytest.raises(ConfigError, match="missing required config key 'image_res'"):
+        value({}, "image_res")
+    # no code reads a config key with a default of its own
+    r = subprocess.run(["grep", "-rnE", r"(config|cfg)\.get\(\"[a-z_]+\", ", "--include=*.py", "models", "dataset",
+                        "engine", "optim", "scheduler", "Pretrain.py", "Retrieval.py"], capture_output=True, text=True)
+    assert r.stdout == ""
+    assert all(k.doc for k in KEYS.values())
+
+
+ORIGINALS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
+                         "original_configs")
+ORIGINAL_FILES = sorted(glob.glob(os.path.join(ORIGINALS, "*", "*.yaml")))
+
+
+def launch_config(monkeypatch, launcher, path, *extra):
+    """The config exactly as the launcher ``launcher`` (Pretrain or Retrieval) reads it from its arguments."""
+    import importlib
+    mod = importlib.import_module(launcher)
+    captured = {}
+
+    def stop(args, config, *a, **k):
+        captured["args"], captured["config"] = args, config
+        raise SystemExit(0)
+    monkeypatch.setattr(mod, "build", stop)
+    monkeypatch.setattr(sys, "argv", [launcher + ".py", "--config", path, "--output_dir", "/nonexistent", *extra])
+    with pytest.raises(SystemExit):
+        mod.main()
+    return captured["config"]
+
+
+@pytest.mark.skipif(not ORIGINAL_FILES, reason="../shared/data/original_configs is not here")
+@pytest.mark.parametrize("path", ORIGINAL_FILES, ids=lambda p: "/".join(p.split(os.sep)[-2:]))
+def test_original_configs_load_unchanged_through_the_launchers(monkeypatch, path):
+    name = os.path.basename(path)
+    fork = os.path.basename(os.path.dirname(path))
+    launcher = "Retrieval" if name.startswith(("Retrieval", "filter")) else "Pretrain"
+    if not name.startswith(("Pretrain", "Retrieval", "filter", "NLVR_pretrain")):
+        cfg = validate(load_config(path))   # the other tasks' launchers come with their issues
+        assert cfg["image_res"] > 0
+        return
+    cfg = launch_config(monkeypatch, launcher, path)
+    if fork in ("GRIT-VLP", "MAFA") and name == "Pretrain.yaml":
+        # GRIT's queue_size is its collection queue, not ALBEF's ITC queue; its model has no momentum encoders
+        assert cfg["grit"] == {"queue_size": 48000, "search_space": 1920} and "queue_size" not in cfg
+        assert cfg["use_momentum"] is False and cfg["itc_consistency_weight"] == 0.2
+        assert cfg["itm_negative_selection"] == "argmax" and cfg["train_epochs"] == 20
+    if fork == "ViCHA" and name.startswith("Pretrain"):
+        from models.base import bert_config_from
+        assert bert_config_from(cfg).extra.get("output_hidden_states") is True   # the multiscale BERT config
+    if fork == "ViCHA" and name.startswith("Retrieval"):
+        assert cfg["dual_metrics"] is False
+    if launcher == "Pretrain":   # the model these keys describe builds (full size, on meta)
+        from models.model_pretrain import ALBEF
+        with torch.device("meta"):
+            model = ALBEF(cfg)
+        assert model.use_momentum == cfg.get("use_momentum", True) and model.temp.shape == ()
+
+
+@pytest.mark.skipif(not ORIGINAL_FILES, reason="../shared/data/original_configs is not here")
+def test_mafa_command_line_makes_the_grit_file_mafa(monkeypatch):
+    path = os.path.join(ORIGINALS, "MAFA", "Pretrain.yaml")
+    cfg = launch_config(monkeypatch, "Pretrain", path, "--filter_config", "configs/filter.yaml",
+                        "--filter_checkpoint", "filter.pth", "--low_threshold", "0.4")
+    assert cfg["ecm"] == {"filter_config": "configs/filter.yaml", "filter_checkpoint": "filter.pth",
+                          "low_threshold": 0.4}
+    assert cfg["itc_label_smoothing"] == 0.5 and cfg["itc_consistency_weight"] == 0.0 and cfg["grit"]["queue_size"] == 48000
+
+
+@pytest.mark.skipif(not ORIGINAL_FILES, reason="../shared/data/original_configs is not here")
+def test_grit_original_config_trains_through_pretrain_py(tiny_world, tmp_path):
+    """GRIT-VLP's own Pretrain.yaml, unchanged, with only paths and sizes overridden on the command line."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bert = ("{vocab_size: 128, hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2, intermediate_size: 64,"
+            " fusion_layer: 1, encoder_width: 32, max_position_embeddings: 40}")
+    out = str(tmp_path / "grit")
+    cmd = [sys.executable, os.path.join(root, "Pretrain.py"), "--config", os.path.join(ORIGINALS, "GRIT-VLP", "Pretrain.yaml"),
+           "--output_dir", out, "--device", "cpu", "--opts", f"train_file=[{os.path.join(tiny_world, 'pretrain.json')}]",
+           f"image_root={tiny_world}", f"tokenizer={os.path.join(tiny_world, 'vocab')}", f"bert_config={bert}",
+           "image_res=32", "patch_size=8", "vision_width=32", "vision_depth=1", "vision_heads=2", "embed_dim=16",
+           "batch_size=8", "queue_size=16", "search_space=16", "train_epochs=2", "num_workers=0", "tensorboard=false"]
+    r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "GRIT-VLP's top-level queue_size/search_space read as grit" in r.stdout
+    ck = torch.load(os.path.join(out, "checkpoint_01.pth"), map_location="cpu", weights_only=True)
+    assert "grit" in ck["components"] and not any(k.endswith("_m.weight") for k in ck["model"])
