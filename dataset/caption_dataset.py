@@ -1,8 +1,10 @@
 """ALBEF's JSON caption datasets, with validated annotations and bad images skipped and counted.
 
-A bad image (missing, truncated, undecodable) is replaced by the next readable item of the dataset, so the
-batch keeps its size (the ITC queue needs fixed global batches); its path travels with the sample and the
-engine counts it. Random augmentation of item ``i`` in epoch ``e`` is seeded from ``(seed, e, i)``, which
+A bad image (missing, undecodable; truncated too with ``load_truncated_images: false``) is replaced by a
+readable item drawn at random with the sample's seed, so the batch keeps its size (the ITC queue needs fixed
+global batches) and a block of missing files in a large corpus costs nothing but its share. Only the image of
+the requested index travels with the sample as bad (not the replacements tried), so each unreadable image is
+counted once per epoch; the sample's index is the replacement's, the item actually trained. Random augmentation of item ``i`` in epoch ``e`` is seeded from ``(seed, e, i)``, which
 makes a run resumed mid-epoch see exactly the same samples.
 """
 import json
@@ -13,12 +15,12 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
 from dataset.utils import pre_caption, sample_concepts
 
-Image.MAX_IMAGE_PIXELS = None   # large web images are fine; truncated ones are not (they are skipped)
+Image.MAX_IMAGE_PIXELS = None   # large web images are fine (ALBEF too)
 
 
 class AnnotationError(ValueError):
@@ -30,8 +32,10 @@ def read_json_list(path, required, config_key):
     if not os.path.isfile(path):
         raise AnnotationError(f"{config_key}: annotation file not found: {path!r}")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
+    except UnicodeDecodeError as e:
+        raise AnnotationError(f"{config_key}: {path!r} is not UTF-8 text ({e}); re-encode it as UTF-8") from None
     except json.JSONDecodeError as e:
         raise AnnotationError(f"{config_key}: {path!r} is not valid JSON: {e}") from None
     if not isinstance(data, list):
@@ -58,10 +62,27 @@ def resolve(path, image_root):
     return path if (os.path.isabs(path) or not image_root) else os.path.join(image_root, path)
 
 
-def load_image(path):
-    """Open and fully decode as RGB; raises on missing, truncated or undecodable files."""
+def load_image(path, truncated_ok=True):
+    """Open and fully decode as 8-bit RGB; raises on missing or undecodable files (and truncated ones unless
+    ``truncated_ok``, ALBEF's ``LOAD_TRUNCATED_IMAGES``). 16-bit and 32-bit modes are rescaled, not clipped."""
+    ImageFile.LOAD_TRUNCATED_IMAGES = bool(truncated_ok)   # per process (workers too); cheap to set
     with Image.open(path) as img:
-        return img.convert("RGB")
+        img.load()
+        return to_rgb(img)
+
+
+def to_rgb(img):
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):   # 16-bit PNG/TIFF grey (Pillow reads some as I)
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 255.0 / 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 1.0
+        img = Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
+        img = Image.fromarray(np.clip(arr * scale + 0.5, 0, 255).astype(np.uint8), mode="L")
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
 
 
 @contextmanager
@@ -96,10 +117,11 @@ class ImageTextDataset(Dataset):
     every sample, drawn from the entry's ``kwords`` with the sample's seed (so a resumed run draws the same).
     """
 
-    max_consecutive_bad = 50
+    max_replacement_tries = 50
 
-    def __init__(self, transform, image_root=None, seed=0, concepts=None):
+    def __init__(self, transform, image_root=None, seed=0, concepts=None, truncated_ok=True):
         self.transform = transform
+        self.truncated_ok = truncated_ok
         self.image_root = image_root
         self.seed = seed
         self.epoch = 0
@@ -131,29 +153,32 @@ class ImageTextDataset(Dataset):
         return zlib.crc32(f"{self.seed}:{self.epoch}:{index}".encode())
 
     def read(self, index):
-        """(image tensor, index actually used, bad paths skipped on the way)."""
+        """(image tensor, index actually used, [this index's path if its image was unreadable])."""
         bad = []
         n = len(self)
-        for step in range(min(n, self.max_consecutive_bad)):
-            i = (index + step) % n
+        rng = random.Random(self.sample_seed(index) ^ 0x2545F491)
+        i = index
+        for _ in range(self.max_replacement_tries + 1):
             path = self.image_path(i)
             try:
-                img = load_image(path)
+                img = load_image(path, self.truncated_ok)
             except Exception as e:   # noqa: BLE001 - any unreadable file is skipped, never a worker crash
-                bad.append(f"{path} ({type(e).__name__})")
+                if not bad:
+                    bad.append(f"{path} ({type(e).__name__})")
+                i = rng.randrange(n)
                 continue
             with seeded(self.sample_seed(i)):
                 return self.transform(img), i, bad
-        raise RuntimeError(f"{len(bad)} consecutive unreadable images starting at item {index}; first: {bad[:3]}. "
-                           "Check image_root and the annotation paths.")
+        raise RuntimeError(f"item {index} and {self.max_replacement_tries} random replacements are all unreadable "
+                           f"(first: {bad[0]}). Check image_root and the annotation paths.")
 
 
 class pretrain_dataset(ImageTextDataset):
     """Items ``{'image': path, 'caption': str | [str, ...]}``; returns (image, caption, index, bad)."""
 
     def __init__(self, ann_file, transform, max_words=30, image_root=None, seed=0, config_key="train_file",
-                 concepts=None):
-        super().__init__(transform, image_root, seed, concepts)
+                 concepts=None, truncated_ok=True):
+        super().__init__(transform, image_root, seed, concepts, truncated_ok)
         self.ann = self._load(ann_file, {"image": str, "caption": (str, list)}, config_key)
         self.max_words = max_words
 
@@ -175,8 +200,8 @@ class re_train_dataset(ImageTextDataset):
     """Items ``{'image', 'caption': str, 'image_id'}``; returns (image, caption, image index, bad)."""
 
     def __init__(self, ann_file, transform, image_root, max_words=30, seed=0, config_key="train_file",
-                 concepts=None):
-        super().__init__(transform, image_root, seed, concepts)
+                 concepts=None, truncated_ok=True):
+        super().__init__(transform, image_root, seed, concepts, truncated_ok)
         self.ann = self._load(ann_file, {"image": str, "caption": str, "image_id": (str, int)}, config_key)
         self.max_words = max_words
         self.img_ids = {}
@@ -205,8 +230,8 @@ class re_eval_dataset(ImageTextDataset):
     """
 
     def __init__(self, ann_file, transform, image_root, max_words=30, config_key="test_file", image_res=256,
-                 concepts=None):
-        super().__init__(transform, image_root, concepts=concepts)
+                 concepts=None, truncated_ok=True):
+        super().__init__(transform, image_root, concepts=concepts, truncated_ok=truncated_ok)
         self.image_res = image_res
         self.ann = self._load(ann_file, {"image": str, "caption": (list, str)}, config_key)
         self.concept_text = [self.concept_string(a, i) for i, a in enumerate(self.ann)] if concepts else None
@@ -228,7 +253,7 @@ class re_eval_dataset(ImageTextDataset):
     def __getitem__(self, index):
         path = self.image_path(index)
         try:
-            return self.transform(load_image(path)), index, []
+            return self.transform(load_image(path, self.truncated_ok)), index, []
         except Exception as e:   # noqa: BLE001
             blank = torch.zeros(3, self.image_res, self.image_res)
             return blank, index, [f"{path} ({type(e).__name__})"]

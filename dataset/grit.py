@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from dataset.sampler import ResumableDistributedSampler
-from engine.distributed import all_gather_object
+from utils import all_gather_object, concat_all_gather
 
 
 def greedy_walk(img, txt, start):
@@ -210,15 +210,20 @@ class GritCollector:
 def next_epoch_order(rank_orders, epoch_order, batch_size, num_batches, world, seed, epoch, dataset_len):
     """Phase 4 over all ranks: the global order of the next epoch (int64, world x num_batches x batch_size).
 
-    ``rank_orders``: each rank's grouped order. Indices of this epoch's order that were not grouped (images
+    ``rank_orders``: each rank's grouped order; an index grouped more than once (the replacement of an
+    unreadable image) keeps its first place. Indices of this epoch's order that were not grouped (images
     that could not be read, a run stopped early) are appended to their rank's order, and the examples this
     epoch did not contain at all (the drop_last remainder) go at the end, so the remainder rotates instead
     of being frozen out. Whole mini-batches are shuffled, then cut to ``world x num_batches`` batches.
     """
     rank_orders = [np.asarray(o, dtype=np.int64) for o in rank_orders]
+    # an unreadable image's replacement is trained (and collected) twice in the epoch: keep its first place
+    flat_all = np.concatenate(rank_orders) if rank_orders else np.zeros(0, dtype=np.int64)
+    keep = np.zeros(len(flat_all), dtype=bool)
+    keep[np.unique(flat_all, return_index=True)[1]] = True
+    bounds = np.cumsum([0] + [len(o) for o in rank_orders])
+    rank_orders = [flat_all[s:e][keep[s:e]] for s, e in zip(bounds[:-1], bounds[1:])]
     seen = np.concatenate(rank_orders) if rank_orders else np.zeros(0, dtype=np.int64)
-    if len(np.unique(seen)) != len(seen):
-        raise RuntimeError("GRIT: an index was grouped twice; the grouped order is not a permutation")
     missing = np.setdiff1d(np.asarray(epoch_order, dtype=np.int64), seen, assume_unique=False)
     chunks = []
     for o in rank_orders + [missing]:
@@ -262,42 +267,60 @@ class GroupedSampler(ResumableDistributedSampler):
 
 
 class Grit:
-    """Trainer component: owns the collector and the grouped sampler's next orders."""
+    """Trainer component (the engine's on_epoch_start / on_step_end / on_epoch_end / state protocol): owns the
+    collector and the grouped sampler's next orders. The orders are the same on every rank (saved once);
+    each rank's collection queue is its own (saved in its own file, never gathered)."""
 
     def __init__(self, config, sampler, dim, batch_size, seed, rank, world, device, dataset_len):
         self.sampler, self.rank, self.world = sampler, rank, world
         self.batch, self.seed, self.n = batch_size, seed, dataset_len
-        self.collector = GritCollector(int(config.get("queue_size", 48000)), int(config.get("search_space", 1920)),
+        self.collector = GritCollector(int(config["queue_size"]), int(config["search_space"]),
                                        dim, batch_size, seed + rank, device)
 
-    def start_epoch(self, epoch, resumed_mid_epoch=False):
+    def on_epoch_start(self, epoch, resumed_mid_epoch=False):
         if not resumed_mid_epoch:
             self.collector.start_epoch(epoch)
 
-    def push(self, feats, idx):
-        self.collector.push(feats[0], feats[1], idx)
+    def on_step_end(self, out, batch, step):
+        """Features from before this step's update, as in GRIT; indices of the samples actually trained."""
+        self.collector.push(out["feats"][0], out["feats"][1], batch["idx"])
 
-    def end_epoch(self, epoch):
+    def on_epoch_end(self, epoch, stopped=False):
         """Collective: every rank calls it. Sets the sampler's order for ``epoch + 1``; returns stats."""
+        if stopped:
+            return {}
         order, stats = self.collector.finish()
-        gathered = all_gather_object((order, stats))
+        orders = gather_orders(order, self.collector.idx.device)
+        gathered = all_gather_object(stats)   # a few floats per rank
         epoch_order = np.concatenate([self.sampler.epoch_indices(epoch, r).numpy() for r in range(self.world)])
-        nxt = next_epoch_order([o for o, _ in gathered], epoch_order, self.batch, self.sampler.num_batches,
+        nxt = next_epoch_order(orders, epoch_order, self.batch, self.sampler.num_batches,
                                self.world, self.seed, epoch, self.n)
         self.sampler.set_order(epoch + 1, nxt)
-        return {f"grit_{k}": float(np.nanmean([s.get(k, np.nan) for _, s in gathered]))
-                for k in gathered[0][1]}
+        return {f"grit_{k}": float(np.nanmean([s.get(k, np.nan) for s in gathered])) for k in gathered[0]}
 
     def state_dict(self):
-        """Collective (gathers every rank's queue): every rank calls it."""
-        return {"orders": {int(k): torch.from_numpy(v) for k, v in self.sampler.orders.items()},
-                "collectors": all_gather_object(self.collector.state_dict())}
+        return {"orders": {int(k): torch.from_numpy(v) for k, v in self.sampler.orders.items()}}
 
     def load_state_dict(self, s):
         self.sampler.orders = {int(k): torch.as_tensor(v).numpy().astype(np.int64) for k, v in s["orders"].items()}
-        cols = s["collectors"]
-        if len(cols) == self.world:
-            self.collector.load_state_dict(cols[self.rank])
-        else:
-            print(f"note: GRIT state was saved with {len(cols)} ranks, resuming with {self.world}: "
-                  "the features collected so far this epoch are dropped")
+
+    def rank_state_dict(self):
+        return self.collector.state_dict()
+
+    def load_rank_state_dict(self, s):
+        if s is None:
+            print("note: no GRIT collection state for this rank (another world size?): the features collected "
+                  "so far this epoch are dropped")
+            return
+        self.collector.load_state_dict(s)
+
+
+def gather_orders(order, device):
+    """Every rank's grouped order (int64 arrays, lengths may differ) through one tensor all-gather."""
+    lengths = [int(n) for n in concat_all_gather(torch.tensor([len(order)], device=device)).tolist()]
+    if len(lengths) == 1:
+        return [order]
+    padded = torch.full((max(lengths),), -1, dtype=torch.long, device=device)
+    padded[:len(order)] = torch.from_numpy(order).to(device)
+    flat = concat_all_gather(padded).view(len(lengths), -1).cpu().numpy()
+    return [flat[r, :n] for r, n in enumerate(lengths)]

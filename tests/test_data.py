@@ -99,31 +99,86 @@ def test_formats_and_image_root(tmp_path):
     assert ds.text == ["c1", "c2", "c3"] and ds.img2txt == {0: [0, 1], 1: [2]} and ds.txt2img == {0: 0, 1: 0, 2: 1}
 
 
-def test_bad_images_are_skipped_and_reported(tmp_path):
+def test_bad_images_are_replaced_and_only_the_requested_one_is_reported(tmp_path):
     jpeg(tmp_path / "ok.jpg")
     (tmp_path / "corrupt.jpg").write_bytes(b"not an image")
-    full = tmp_path / "full.jpg"
-    jpeg(full, size=(64, 64))
-    (tmp_path / "trunc.jpg").write_bytes(full.read_bytes()[:200])
-    ann = [{"image": n, "caption": "c"} for n in ("missing.jpg", "corrupt.jpg", "trunc.jpg", "ok.jpg")]
+    ann = [{"image": n, "caption": "c"} for n in ("missing.jpg", "corrupt.jpg", "ok.jpg")]
     ds = pretrain_dataset([write(tmp_path, "p.json", ann)], T.test_transform(16), image_root=str(tmp_path))
     img, cap, idx, bad = ds[0]
-    assert idx == 3 and len(bad) == 3
-    assert "missing.jpg" in bad[0] and "corrupt.jpg" in bad[1] and "trunc.jpg" in bad[2]
-    ds.max_consecutive_bad = 2
-    with pytest.raises(RuntimeError, match="consecutive unreadable images"):
-        ds[0]
+    # the replacement (the only readable item) is what is trained and what its index says; only the
+    # requested image is reported, not the corrupt one tried on the way: each bad image counts once
+    assert idx == 2 and len(bad) == 1 and "missing.jpg" in bad[0]
+    assert ds[1][2] == 2 and len(ds[1][3]) == 1 and "corrupt.jpg" in ds[1][3][0]
+    assert ds[2][2] == 2 and ds[2][3] == []
+    assert ds[0][2] == idx   # the replacement is a function of the sample's seed: a resumed run draws it again
+
+
+def test_a_missing_block_in_a_large_corpus_is_replaced_but_all_missing_stops_fast(tmp_path):
+    import time
+    jpeg(tmp_path / "ok.jpg")
+    ann = [{"image": "ok.jpg" if i % 10 == 9 else f"gone/{i}.jpg", "caption": "c"} for i in range(2000)]
+    ann[:300] = [{"image": f"gone/{i}.jpg", "caption": "c"} for i in range(300)]   # 300 missing in a row
+    ds = pretrain_dataset([write(tmp_path, "p.json", ann)], T.test_transform(8), image_root=str(tmp_path))
+    for i in range(0, 300, 7):
+        assert ds[i][2] % 10 == 9 and len(ds[i][3]) == 1
+    none = pretrain_dataset([write(tmp_path, "none.json", [{"image": f"x/{i}.jpg", "caption": "c"}
+                                                           for i in range(10000)])], T.test_transform(8),
+                            image_root=str(tmp_path))
+    t = time.time()
+    with pytest.raises(RuntimeError, match="random replacements are all unreadable.*image_root"):
+        none[0]
+    assert time.time() - t < 5
+
+
+def test_truncated_jpegs_load_as_albef_unless_switched_off(tmp_path):
+    import io
+    buf = io.BytesIO()
+    Image.fromarray(np.random.RandomState(0).randint(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (tmp_path / "trunc.jpg").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
+    jpeg(tmp_path / "ok.jpg")
+    ann = write(tmp_path, "p.json", [{"image": "trunc.jpg", "caption": "c"}, {"image": "ok.jpg", "caption": "c"}])
+    assert pretrain_dataset([ann], T.test_transform(16), image_root=str(tmp_path))[0][3] == []
+    strict = pretrain_dataset([ann], T.test_transform(16), image_root=str(tmp_path), truncated_ok=False)
+    assert strict[0][2] == 1 and "trunc.jpg" in strict[0][3][0]
+    cfg = {"train_file": [ann], "image_root": str(tmp_path), "image_res": 16, "load_truncated_images": False}
+    assert create_dataset("pretrain", cfg)[0][3] != []
+
+
+def test_sixteen_bit_and_odd_modes_are_rescaled_not_clipped(tmp_path):
+    from dataset.caption_dataset import load_image
+    grey = np.full((8, 8), 32768, dtype=np.uint16)   # mid-grey in 16 bits
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    rgb = np.asarray(load_image(str(tmp_path / "g16.png")))
+    assert rgb.shape == (8, 8, 3) and abs(int(rgb[0, 0, 0]) - 128) <= 1   # convert("RGB") alone gives 255
+    Image.fromarray(np.full((8, 8), 0.25, dtype=np.float32)).save(tmp_path / "f.tif")
+    assert abs(int(np.asarray(load_image(str(tmp_path / "f.tif")))[0, 0, 0]) - 64) <= 1
+    Image.new("LA", (8, 8), (100, 50)).save(tmp_path / "la.png")
+    Image.new("CMYK", (8, 8), (0, 0, 0, 0)).save(tmp_path / "cmyk.jpg")
+    assert np.asarray(load_image(str(tmp_path / "la.png")))[0, 0, 0] == 100
+    assert np.asarray(load_image(str(tmp_path / "cmyk.jpg"))).shape == (8, 8, 3)
+
+
+def test_non_utf8_annotation_file_is_named(tmp_path):
+    p = tmp_path / "latin1.json"
+    p.write_bytes(b'[{"image": "a.jpg", "caption": "caf\xe9"}]')
+    with pytest.raises(AnnotationError, match="latin1.json.*not UTF-8"):
+        pretrain_dataset([str(p)], None)
 
 
 def test_bad_image_threshold_stops_the_run():
-    from engine.trainer import BadImageError, Trainer
-    t = Trainer.__new__(Trainer)
-    t.max_bad, t.bad = 0.05, {"count": 0, "seen": 0, "examples": []}
-    t._count_bad({"bad": ["x.jpg (FileNotFoundError)"], "n": 40})
-    assert t._check_bad(final=True)["count"] == 1   # 1/41 is under 5%
-    t._count_bad({"bad": ["y.jpg (OSError)"] * 5, "n": 10})
-    with pytest.raises(BadImageError, match="max_bad_image_fraction"):
-        t._check_bad(final=True)
+    from engine.components import BadImageError, BadImages
+    bad = BadImages(0.05, check_every=1, min_seen=1000)
+    bad.add(["x.jpg (FileNotFoundError)"], 40)
+    assert bad.check(final=True)["count"] == 1   # 1/40 is under 5%
+    bad.add(["y.jpg (OSError)"] * 5, 10)
+    bad.on_step_end({}, {"bad": [], "n": 0}, 1)   # mid-epoch: under min_seen read, no verdict yet
+    with pytest.raises(BadImageError, match="max_bad_image_fraction.*resume"):
+        bad.check(final=True)
+    state = bad.rank_state_dict()
+    again = BadImages(0.05)
+    again.load_rank_state_dict(state)
+    assert (again.count, again.seen) == (6, 50)
 
 
 def test_collate_tokenizes_and_carries_bad_paths(tiny_world):

@@ -107,6 +107,18 @@ def test_next_epoch_order_keeps_groups_whole_and_is_a_permutation_across_ranks()
     assert any(set(o[:12].tolist()) != set(rank_orders[0].tolist()) for o in again)
 
 
+def test_a_replacement_collected_twice_keeps_its_first_place_and_the_bad_index_rotates_back():
+    """An unreadable image's sample is replaced by another item, whose index is then collected twice."""
+    b, s, world, n = 4, 3, 2, 24
+    epoch_order = np.random.default_rng(2).permutation(n)
+    rank_orders = [epoch_order[:12].copy(), epoch_order[12:].copy()]
+    bad, replacement = rank_orders[1][3], rank_orders[0][5]
+    rank_orders[1][3] = replacement   # rank 1 trained the replacement in place of the unreadable item
+    order = next_epoch_order(rank_orders, epoch_order, b, s, world, seed=0, epoch=0, dataset_len=n)
+    assert sorted(order.tolist()) == list(range(n))   # a permutation: the bad index back, no duplicate
+    assert bad in order and list(order).count(replacement) == 1
+
+
 def test_grouped_sampler_slices_concatenate_to_the_global_order():
     order = np.random.default_rng(1).permutation(40)[:32]
     slices = []
