@@ -24,7 +24,8 @@ from dataset.caption_dataset import pre_caption, re_train_dataset
 from dataset.grit import GritCollector
 from dataset.transforms import test_transform
 from engine.config import load_config
-from models.ecm import CONNECTION, NEGATIVE, build_discriminator
+from engine.ecm_filter import build_discriminator
+from models.ecm import CONNECTION, NEGATIVE
 from models.tokenization import ALBEFTokenizer
 
 

@@ -1,13 +1,17 @@
 """ALBEF-family pretraining: ``python Pretrain.py --config configs/Pretrain.yaml --output_dir out/``.
 
-Runs as one process, or under ``torchrun`` / ``python -m torch.distributed.launch --use_env``.
+Runs as one process, or under ``torchrun`` / ``python -m torch.distributed.launch --use_env``. GRIT-VLP's and
+MAFA's own Pretrain.yaml work unchanged; MAFA's filter comes with MAFA's flags (``--filter_config``,
+``--filter_checkpoint``, ``--low_threshold``, ``--high_threshold``) or the config's ``ecm`` group.
 """
 from dataset import TextCollate, batch_concepts, create_dataset
+from dataset.grit import Grit, GroupedSampler
 from engine.config import base_parser, parse_launcher
+from engine.ecm_filter import build_discriminator
 from engine.retrieval_eval import Results, evaluate_split
 from engine.trainer import Trainer, build
-from models.ecm import build_discriminator
 from models.model_pretrain import ALBEF
+from schema import value
 
 
 def zero_shot_eval(config, tokenizer, env, trainer):
@@ -23,21 +27,47 @@ def zero_shot_eval(config, tokenizer, env, trainer):
     return run
 
 
+def mafa_flags(args, config):
+    """MAFA's command line: the filter and the thresholds go into the ``ecm`` group."""
+    flags = {"filter_config": args.filter_config, "filter_checkpoint": args.filter_checkpoint,
+             "low_threshold": args.low_threshold, "high_threshold": args.high_threshold}
+    given = {k: v for k, v in flags.items() if v not in (None, "")}
+    if given:
+        config["ecm"] = {**(config.get("ecm") or {}), **given}
+
+
+def grit_component(config, env, dataset, batch_size, seed):
+    """GRIT-VLP's grouped sampling: the sampler it orders and the component that groups each epoch."""
+    sampler = GroupedSampler(len(dataset), batch_size, env.world, env.rank, shuffle=True, seed=seed)
+    grit = Grit({"queue_size": value(config, "grit.queue_size"), "search_space": value(config, "grit.search_space")},
+                sampler, int(value(config, "embed_dim")), batch_size, seed, env.rank, env.world, env.device,
+                len(dataset))
+    return sampler, grit
+
+
 def main():
     parser = base_parser("ALBEF pretraining", "./configs/Pretrain.yaml", "output/Pretrain")
-    args, config = parse_launcher(parser)
+    parser.add_argument("--filter_config", default="", help="MAFA: the filter's retrieval config (ecm.filter_config)")
+    parser.add_argument("--filter_checkpoint", default="", help="MAFA: the filter's weights (ecm.filter_checkpoint)")
+    parser.add_argument("--low_threshold", type=float, default=None, help="MAFA: ecm.low_threshold (0.5)")
+    parser.add_argument("--high_threshold", type=float, default=None, help="MAFA: ecm.high_threshold (0.8)")
+    args, config = parse_launcher(parser, task="pretrain", adjust=mafa_flags)
     env, tokenizer, model = build(args, config, ALBEF)
     if config.get("ecm"):   # MAFA: false-negative mining with a frozen, finetuned filter
         model.set_discriminator(build_discriminator(config["ecm"], tokenizer, env.device))
     dataset = create_dataset("pretrain", config, seed=args.seed)
-    collate = TextCollate(tokenizer, max_length=config.get("max_tokens", 25),
-                          vc_max_tokens=config.get("vc_max_tokens", 55))
+    collate = TextCollate(tokenizer, max_length=value(config, "max_tokens", "pretrain"),
+                          vc_max_tokens=value(config, "vc_max_tokens"))
 
     def step(model, batch, alpha):
         text = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         return model(batch["image"], text, alpha=alpha, idx=batch["idx"], concepts=batch_concepts(batch))
 
-    trainer = Trainer(args, config, env, model, dataset, collate, step)
+    components, sampler = {}, None
+    if config.get("grit"):
+        sampler, components["grit"] = grit_component(config, env, dataset, int(value(config, "batch_size")),
+                                                     args.seed)
+    trainer = Trainer(args, config, env, model, dataset, collate, step, components=components, sampler=sampler)
     if config.get("test_file"):
         trainer.evaluate_fn = zero_shot_eval(config, tokenizer, env, trainer)
     trainer.fit(resume=args.resume)

@@ -14,12 +14,13 @@ from engine.retrieval_eval import Results, evaluate_split
 from engine.trainer import Trainer, autocast_context, build
 from models.checkpoint import load_checkpoint, strip_bert
 from models.model_retrieval import ALBEF
+from schema import value
 
 
 def main():
     parser = base_parser("ALBEF image-text retrieval", "./configs/Retrieval_flickr.yaml", "output/Retrieval")
     parser.add_argument("--evaluate", action="store_true", help="evaluate --checkpoint on val and test, no training")
-    args, config = parse_launcher(parser)
+    args, config = parse_launcher(parser, task="retrieval")
     # a pretraining checkpoint: text_encoder.bert.* -> text_encoder.*, pos_embed resized (no-op if finetuned)
     env, tokenizer, model = build(args, config, ALBEF, remap=strip_bert)
     val = create_dataset("re_val", config) if config.get("val_file") else None
@@ -30,7 +31,7 @@ def main():
         return results.add(split, evaluate_split(m, dataset, tokenizer, config, env.device, autocast), **info)
 
     if args.evaluate:
-        autocast, _ = autocast_context(config.get("precision", "auto"), env.device)
+        autocast, _ = autocast_context(value(config, "precision"), env.device)
         model.to(env.device)
         for split, dataset in (("val", val), ("test", test)):
             if dataset is not None:
@@ -39,15 +40,14 @@ def main():
 
     train = create_dataset("re_train", config, seed=args.seed)
     # ALBEF: padding='longest', max_length=30 without truncation
-    collate = TextCollate(tokenizer, max_length=config.get("max_tokens", 30),
-                          truncation=config.get("max_tokens") is not None,
-                          vc_max_tokens=config.get("vc_max_tokens", 55))
+    max_tokens = value(config, "max_tokens")
+    collate = TextCollate(tokenizer, max_length=max_tokens or 30, truncation=max_tokens is not None,
+                          vc_max_tokens=value(config, "vc_max_tokens"))
 
     def step(m, batch, alpha):
         text = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         return m(batch["image"], text, alpha=alpha, idx=batch["idx"], concepts=batch_concepts(batch))
 
-    config.setdefault("eval_every", 1)   # ALBEF evaluates after every epoch
     trainer = Trainer(args, config, env, model, train, collate, step, batch_size_key="batch_size_train",
                       select_metric="val_r_mean" if val is not None else None)
     if val is not None:

@@ -1,8 +1,10 @@
 """Atomic training checkpoints that hold everything a mid-epoch resume needs."""
+import contextlib
 import glob
 import os
 import random
 import re
+import shutil
 
 import numpy as np
 import torch
@@ -12,23 +14,33 @@ from models.checkpoint import load_file
 LATEST = "latest"   # a text file in output_dir naming the newest checkpoint
 
 
-def atomic_save(obj, path):
-    """Write to a temporary file in the same folder, fsync, then rename: a kill leaves the old file intact."""
+def _write_atomic(path, write, mode):
+    """Write to a temporary file in the same folder, fsync, then rename: a kill leaves the old file intact.
+    A failed write (a full disk) removes the temporary file and names the path and the free space."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        folder = os.path.dirname(os.path.abspath(path))
+        try:
+            free = f"{shutil.disk_usage(folder).free / 2 ** 30:.2f} GiB free in {folder}"
+        except OSError:
+            free = f"free space of {folder} unknown"
+        raise OSError(e.errno, f"could not write {path!r}: {e.strerror or e} ({free})") from None
+
+
+def atomic_save(obj, path):
+    _write_atomic(path, lambda f: torch.save(obj, f), "wb")
 
 
 def atomic_write_text(text, path):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _write_atomic(path, lambda f: f.write(text), "w")
 
 
 def rng_state():
@@ -61,14 +73,29 @@ def epoch_name(epoch):
     return f"checkpoint_{epoch:02d}.pth"   # ALBEF's name
 
 
+def rank_path(path, rank):
+    """Where rank ``rank`` (> 0) keeps its own state of checkpoint ``path`` (RNG, GRIT's queue, counters)."""
+    return f"{path[:-len('.pth')]}.rank{rank:03d}.pth"
+
+
+def load_rank_state(path, rank):
+    p = rank_path(path, rank)
+    if not os.path.isfile(p):
+        print(f"note: {p} is missing: rank {rank} resumes without its own state (RNG, queues, counters)")
+        return None
+    return load_file(p, config_key="--resume")
+
+
 def save_checkpoint(state, output_dir, name, keep_last=0):
     path = os.path.join(output_dir, name)
     atomic_save(state, path)
     atomic_write_text(name, os.path.join(output_dir, LATEST))
     if keep_last and name.startswith("checkpoint_step"):
-        steps = sorted(glob.glob(os.path.join(output_dir, "checkpoint_step*.pth")))
+        steps = sorted(p for p in glob.glob(os.path.join(output_dir, "checkpoint_step*.pth"))
+                       if re.search(r"checkpoint_step\d+\.pth$", p))
         for old in steps[:-keep_last]:
-            os.remove(old)
+            for f in [old] + glob.glob(old[:-len(".pth")] + ".rank*.pth"):
+                os.remove(f)
     return path
 
 

@@ -98,6 +98,7 @@ class LoadReport:
     missing: list = field(default_factory=list)
     unexpected: list = field(default_factory=list)
     interpolated: list = field(default_factory=list)
+    momentum_copied: list = field(default_factory=list)
 
     def summary(self, limit=12):
         def short(keys):
@@ -109,6 +110,8 @@ class LoadReport:
             lines.append(f"  pos_embed interpolated: {', '.join(self.interpolated)}")
         lines.append(f"  missing keys ({len(self.missing)}): {short(self.missing) if self.missing else '-'}")
         lines.append(f"  unexpected keys ({len(self.unexpected)}): {short(self.unexpected) if self.unexpected else '-'}")
+        if self.momentum_copied:
+            lines.append(f"  momentum copies made from the loaded weights: {', '.join(self.momentum_copied)}")
         return "\n".join(lines)
 
 
@@ -136,6 +139,13 @@ def load_into(model, sd, path="<state dict>", strict=False, config_key=None, ver
     if strict and (report.missing or report.unexpected):
         raise RuntimeError("strict load failed\n" + report.summary(limit=50))
     model.load_state_dict(sd, strict=False)
+    # momentum copies the checkpoint lacks start as copies of the loaded online weights, not random
+    missing = set(report.missing)
+    remade = [n for n in getattr(model, "momentum_names", [])
+              if any(k.startswith(f"{n}_m.") for k in missing) and hasattr(model, "copy_params")]
+    if remade:
+        model.copy_params(remade)
+        report.momentum_copied = remade
     if verbose:
         print(report.summary())
     return report

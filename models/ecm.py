@@ -10,13 +10,8 @@ and silently drops a score equal to a threshold):
 * score <  low_threshold:  a true hard negative: kept as the ITM negative;
 * otherwise (low <= score < high): ambiguous: the second-hardest candidate is the ITM negative instead.
 """
-import os
-
 import torch
 import torch.nn.functional as F
-
-from engine.config import load_config
-from models.checkpoint import load_checkpoint, strip_bert
 
 CONNECTION, NEGATIVE, AMBIGUOUS = 0, 1, 2
 
@@ -124,29 +119,3 @@ def ecm_counts(ecm):
     both = torch.cat([ecm["t2i"], ecm["i2t"]])
     return {"ecm_connections": (both == CONNECTION).sum(), "ecm_negatives": (both == NEGATIVE).sum(),
             "ecm_ambiguous": (both == AMBIGUOUS).sum()}
-
-
-def build_discriminator(ecm_cfg, tokenizer, device):
-    """MAFA's filter from the ``ecm`` config group: a retrieval model from ``filter_config`` (built without
-    momentum encoders or queues), weights from ``filter_checkpoint``. Anything missing is an error."""
-    from models.model_retrieval import ALBEF as RetrievalModel
-    path, ckpt = ecm_cfg.get("filter_config"), ecm_cfg.get("filter_checkpoint")
-    if not path or not os.path.isfile(path):
-        raise FileNotFoundError(f"filter config not found: {path!r} (config key 'ecm.filter_config')")
-    if not ckpt or not os.path.isfile(ckpt):
-        raise FileNotFoundError(f"filter checkpoint not found: {ckpt!r} (config key 'ecm.filter_checkpoint'); "
-                                "MAFA never trains with an untrained filter")
-    cfg = dict(load_config(path), use_momentum=False, distill=False, text_encoder=None, vision_init=None)
-    if cfg.get("kw_img_model"):   # the filter scores raw images; the batch carries the trainee's concepts
-        raise ValueError(f"filter config {path!r} (config key 'ecm.filter_config') sets kw_img_model: a MAFA "
-                         "filter with visual concepts is not supported; use a filter without them")
-    model = RetrievalModel(cfg, tokenizer)
-    report = load_checkpoint(model, ckpt, remap=strip_bert, config_key="ecm.filter_checkpoint", verbose=False)
-    needed = [k for k in report.missing if k.startswith(("visual_encoder.", "text_encoder.", "itm_head."))]
-    if needed:
-        shown = ", ".join(sorted(needed)[:8]) + (f", ... ({len(needed) - 8} more)" if len(needed) > 8 else "")
-        raise RuntimeError(f"filter checkpoint {ckpt!r} (config key 'ecm.filter_checkpoint') lacks {len(needed)} "
-                           f"weights the filter needs: {shown}")
-    return ConnectionDiscriminator(model, float(ecm_cfg.get("low_threshold", 0.5)),
-                                   float(ecm_cfg.get("high_threshold", 0.8)),
-                                   str(ecm_cfg.get("filter_precision", "auto"))).to(device)

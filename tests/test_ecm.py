@@ -6,7 +6,8 @@ import torch
 
 from conftest import tiny_config, tiny_text
 from models import MODELS
-from models.ecm import (AMBIGUOUS, CONNECTION, NEGATIVE, ConnectionDiscriminator, build_discriminator, decide,
+from engine.ecm_filter import build_discriminator
+from models.ecm import (AMBIGUOUS, CONNECTION, NEGATIVE, ConnectionDiscriminator, decide,
                         hardest_two, itm_negatives, s_itc_targets)
 
 

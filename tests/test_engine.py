@@ -37,8 +37,8 @@ def pretrain_cmd(config, out, *extra):
     return [PY, os.path.join(ROOT, "Pretrain.py"), "--config", config, "--output_dir", out, "--device", "cpu", *extra]
 
 
-def run(cmd, **kw):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def run(cmd, env_extra=None, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600, **kw)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
@@ -93,14 +93,29 @@ def test_sigkill_and_resume_ends_with_identical_weights(tiny_world, tmp_path, re
     diff = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
     assert diff == []
     if recipe != "albef":   # the order GRIT hands to epoch 2 is the same too
-        assert torch.equal(a["grit"]["orders"][2], b["grit"]["orders"][2])
+        assert torch.equal(a["components"]["grit"]["orders"][2], b["components"]["grit"]["orders"][2])
     if recipe == "mafa":
         assert not any(k.startswith("_discriminator") for k in a["model"])   # the filter is never saved
         rec = [json.loads(line) for line in open(os.path.join(ref_out, "log.txt"))][-1]
         assert rec["ecm_connections"] + rec["ecm_negatives"] + rec["ecm_ambiguous"] == 2 * 12 * 8
     assert len([f for f in os.listdir(out) if f.startswith("checkpoint_step")]) <= 2   # last K kept
     log = [json.loads(line) for line in open(os.path.join(out, "log.txt"))]
+    ref_log = [json.loads(line) for line in open(os.path.join(ref_out, "log.txt"))]
     assert log[-1]["epoch"] == 1 and "train_loss_ita" in log[-1]
+    # epoch averages and counts after a mid-epoch resume cover the whole epoch, as without the kill
+    for key in ("train_loss_ita", "train_loss_mlm", "train_hard_neg_sim", "ecm_connections"):
+        assert log[-1].get(key) == ref_log[-1].get(key), key
+
+
+def checked_collectives(log_prefix, world):
+    """The collectives each rank ran under ALBEF_CHECK_COLLECTIVES (every torch.distributed collective came
+    through utils, or the run would have failed): (op, device type, bytes)."""
+    out = []
+    for r in range(world):
+        with open(f"{log_prefix}.rank{r}") as f:
+            rec = json.load(f)
+        out.append((rec["comm_device"], [tuple(x) for x in rec["log"]]))
+    return out
 
 
 def test_two_process_gloo_run_gathers_the_queue_across_ranks(tiny_world, tmp_path):
@@ -108,13 +123,20 @@ def test_two_process_gloo_run_gathers_the_queue_across_ranks(tiny_world, tmp_pat
     out = str(tmp_path / "ddp")
     cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
            os.path.join(ROOT, "Pretrain.py"), "--config", config, "--output_dir", out, "--device", "cpu",
-           "--opts", "max_steps=4", "ckpt_every_steps=0"]
-    run(cmd)
+           "--opts", "max_steps=4", "ckpt_every_steps=0", "grad_accum_steps=2"]
+    log = str(tmp_path / "collectives")
+    run(cmd, env_extra={"ALBEF_CHECK_COLLECTIVES": "1", "ALBEF_CHECK_COLLECTIVES_LOG": log})
+    # max_steps counts optimizer steps: 4 steps of 2 micro-batches
     ck = load(os.path.join(out, "checkpoint_step00000004.pth"))
-    # 4 steps x (2 ranks x 8) gathered features = 64 columns, mod 48; one rank alone would advance by 32
-    assert ck["model"]["queue_ptr"].item() == (4 * 16) % 48
-    assert ck["world_size"] == 2 and len(ck["rng"]) == 2
-    assert not torch.equal(ck["rng"][0]["torch"], ck["rng"][1]["torch"])   # ranks draw different masks
+    # 8 forward passes x (2 ranks x 8) gathered features = 128 columns, mod 48
+    assert ck["model"]["queue_ptr"].item() == (8 * 16) % 48
+    assert ck["world_size"] == 2
+    rank1 = load(os.path.join(out, "checkpoint_step00000004.rank001.pth"))   # rank 1's own state
+    assert not torch.equal(ck["rank_state"]["rng"]["torch"], rank1["rng"]["torch"])   # ranks draw different masks
+    for device, ops in checked_collectives(log, 2):
+        assert device == "cpu" and ops, ops
+        assert {op for op, _, _ in ops} >= {"all_gather", "all_reduce", "barrier"}
+        assert all(dev in ("cpu", "object") for _, dev, _ in ops)
 
 
 def test_two_process_gloo_run_trains_with_grit_grouping(tiny_world, tmp_path):
@@ -122,15 +144,22 @@ def test_two_process_gloo_run_trains_with_grit_grouping(tiny_world, tmp_path):
     out = str(tmp_path / "grit")
     cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29733",
            os.path.join(ROOT, "Pretrain.py"), "--config", config, "--output_dir", out, "--device", "cpu",
-           "--opts", "ckpt_every_steps=0", "grit.queue_size=16"]
-    run(cmd)
+           "--opts", "ckpt_every_steps=5", "grit.queue_size=16"]
+    log = str(tmp_path / "collectives")
+    run(cmd, env_extra={"ALBEF_CHECK_COLLECTIVES": "1", "ALBEF_CHECK_COLLECTIVES_LOG": log})
     first, last = load(os.path.join(out, "checkpoint_00.pth")), load(os.path.join(out, "checkpoint_01.pth"))
     data = json.load(open(os.path.join(tiny_world, "pretrain.json")))
     for ck, epoch in ((first, 1), (last, 2)):
-        order = ck["grit"]["orders"][epoch]
+        order = ck["components"]["grit"]["orders"][epoch]
         assert len(order) == 2 * 6 * 8 and len(set(order.tolist())) == len(order)   # 2 ranks x 6 steps x 8
         assert 0 <= int(order.min()) and int(order.max()) < len(data)
-        assert len(ck["grit"]["collectors"]) == 2
+    # a mid-epoch checkpoint: each rank's half-full collection queue is in its own file, never gathered
+    mid = load(os.path.join(out, "checkpoint_step00000005.pth"))
+    mid1 = load(os.path.join(out, "checkpoint_step00000005.rank001.pth"))
+    q0, q1 = mid["rank_state"]["components"]["grit"], mid1["components"]["grit"]
+    assert q0["ptr"] == q1["ptr"] == 8 and not torch.equal(q0["idx"], q1["idx"])
+    for _, ops in checked_collectives(log, 2):   # objects through all_gather_object stay small
+        assert max(b for op, _, b in ops if op == "all_gather_object") < 64_000, ops
     log = [json.loads(line) for line in open(os.path.join(out, "log.txt"))]
     assert [r["epoch"] for r in log] == [0, 1] and "grit_hardness_grouped" in log[-1]
 

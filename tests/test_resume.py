@@ -1,0 +1,174 @@
+"""Exact resume where users lose work: a kill during an evaluation, --checkpoint with --resume latest on a fresh
+dir, stale temp files, failed saves, and GRIT / MAFA runs over unreadable images."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from test_engine import GRIT, PY, ROOT, load, mafa_options, pretrain_cmd, run, write_config
+
+# runs Pretrain.py with the zero-shot evaluation of epoch KILL_EPOCH killed (SIGKILL) half-way: after the
+# scores are computed, before anything is returned or logged
+KILLER = """
+import os, runpy, signal, sys
+sys.path.insert(0, {root!r})
+import engine.retrieval_eval as ev
+real, log = ev.evaluate_split, os.path.join({out!r}, "log.txt")
+def evaluate_split(*a, **k):
+    out = real(*a, **k)
+    if not {train!r} and (len(open(log).readlines()) if os.path.exists(log) else 0) == {epoch}:   # the evaluation of epoch {epoch}
+        os.kill(os.getpid(), signal.SIGKILL)
+    return out
+ev.evaluate_split = evaluate_split
+import engine.trainer as tr
+step = tr.Trainer._step
+def killing_step(self, model, batch, epoch, i):
+    if {train!r} and epoch == {epoch} and i == 2:   # training, after the previous evaluation was logged
+        os.kill(os.getpid(), signal.SIGKILL)
+    return step(self, model, batch, epoch, i)
+tr.Trainer._step = killing_step
+sys.argv = {argv!r}
+runpy.run_path(os.path.join({root!r}, "Pretrain.py"), run_name="__main__")
+"""
+
+
+def killed_during_eval(config, out, epoch, tmp_path, train=False):
+    """Run Pretrain.py and SIGKILL it inside the evaluation of ``epoch`` (``train``: in its third training
+    step); returns the exit code."""
+    import subprocess
+    os.makedirs(out, exist_ok=True)
+    argv = pretrain_cmd(config, out)[1:]
+    script = tmp_path / f"killer{epoch}{train}.py"
+    script.write_text(KILLER.format(root=ROOT, out=out, epoch=epoch, argv=argv, train=train))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([PY, str(script)], cwd=ROOT, env=env, capture_output=True, timeout=600).returncode
+
+
+def records(out):
+    return [json.loads(line) for line in open(os.path.join(out, "log.txt"))]
+
+
+def test_kill_during_evaluation_resumes_exactly_and_finishes_the_evaluation(tiny_world, tmp_path):
+    config = write_config(tiny_world, str(tmp_path / "c.yaml"), eval_every=1, ckpt_every_steps=0,
+                          test_file=os.path.join(tiny_world, "retrieval_test.json"), batch_size_test=16,
+                          k_test=4, num_workers=1)
+    ref = str(tmp_path / "ref")
+    run(pretrain_cmd(config, ref))
+    ref_log = records(ref)
+    assert [r["epoch"] for r in ref_log] == [0, 1] and all("test_r_mean" in r for r in ref_log)
+
+    # killed in the epoch-0 evaluation: the resume finishes it, then trains epoch 1 exactly as the reference
+    out = str(tmp_path / "kill0")
+    assert killed_during_eval(config, out, 0, tmp_path) == -9
+    assert os.path.exists(os.path.join(out, "checkpoint_00.pth")) and not os.path.exists(os.path.join(out, "log.txt"))
+    r = run(pretrain_cmd(config, out, "--resume", "latest"))
+    assert "finishing epoch 0: evaluation" in r.stdout
+    a, b = load(os.path.join(ref, "checkpoint_01.pth")), load(os.path.join(out, "checkpoint_01.pth"))
+    diff = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
+    assert diff == [], f"{len(diff)} of {len(a['model'])} tensors differ"
+    log = records(out)
+    assert [x["epoch"] for x in log] == [0, 1]
+    for x, y in zip(log, ref_log):   # the same evaluations, and epoch averages over the whole epoch
+        assert x["test_r_mean"] == y["test_r_mean"] and x["train_loss_ita"] == y["train_loss_ita"]
+
+    # killed while training epoch 1, after the epoch-0 evaluation was logged: the resume starts from
+    # checkpoint_00 and must find the RNG streams as the reference had them (the evaluation used its own)
+    out = str(tmp_path / "kill_train1")
+    assert killed_during_eval(config, out, 1, tmp_path, train=True) == -9
+    r = run(pretrain_cmd(config, out, "--resume", "latest"))
+    assert "finishing" not in r.stdout
+    b = load(os.path.join(out, "checkpoint_01.pth"))
+    diff = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
+    assert diff == [], f"{len(diff)} of {len(a['model'])} tensors differ"
+
+    # killed in the final evaluation: the resume runs it and writes its row; nothing is trained again
+    out = str(tmp_path / "kill1")
+    assert killed_during_eval(config, out, 1, tmp_path) == -9
+    assert len(records(out)) == 1
+    r = run(pretrain_cmd(config, out, "--resume", "latest"))
+    assert "finishing epoch 1: evaluation" in r.stdout and "Train epoch" not in r.stdout
+    log = records(out)
+    assert [x["epoch"] for x in log] == [0, 1] and log[1]["test_r_mean"] == ref_log[1]["test_r_mean"]
+    rows = [json.loads(line) for line in open(os.path.join(out, "results.jsonl"))]
+    assert [row["epoch"] for row in rows] == [0, 1]
+    # a third start has nothing left to do
+    r = run(pretrain_cmd(config, out, "--resume", "latest"))
+    assert "finishing" not in r.stdout and len(records(out)) == 2
+
+
+def test_checkpoint_with_resume_latest_on_an_empty_dir_initialises_and_stale_temps_go(tiny_world, tmp_path):
+    config = write_config(tiny_world, str(tmp_path / "c.yaml"), ckpt_every_steps=0)
+    first = str(tmp_path / "first")
+    run(pretrain_cmd(config, first, "--opts", "max_steps=2"))
+    init = os.path.join(first, "checkpoint_step00000002.pth")
+    out = str(tmp_path / "fresh")
+    os.makedirs(out)
+    stale = os.path.join(out, "checkpoint_step00000001.pth.tmp.4242")   # a save killed mid-write
+    with open(stale, "wb") as f:
+        f.write(b"\0" * 1000)
+    r = run(pretrain_cmd(config, out, "--checkpoint", init, "--resume", "latest", "--opts", "max_steps=1",
+                         "optimizer.lr=0.0", "schedular.lr=0.0", "schedular.warmup_lr=0.0", "schedular.min_lr=0.0"))
+    assert "nothing to resume" in r.stdout and f"loaded {init}" in r.stdout
+    assert not os.path.exists(stale)
+    a, b = load(init)["model"], load(os.path.join(out, "checkpoint_step00000001.pth"))["model"]
+    # lr 0: the weights stay those of --checkpoint (they would be a fresh random init if it were ignored)
+    assert torch.equal(a["visual_encoder.patch_embed.proj.weight"], b["visual_encoder.patch_embed.proj.weight"])
+    # the same command after a preemption resumes the run instead of starting from --checkpoint again
+    r = run(pretrain_cmd(config, out, "--checkpoint", init, "--resume", "latest", "--opts", "max_steps=1"))
+    assert "resumed from" in r.stdout and f"loaded {init}" not in r.stdout
+
+
+def test_failed_save_names_the_path_and_the_free_space(tmp_path, monkeypatch):
+    from engine import checkpointing as ck
+    path = str(tmp_path / "ck.pth")
+
+    def full_disk(obj, f):
+        f.write(b"x" * 10)
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=r"could not write '.*ck.pth': No space left on device \(.* GiB free in"):
+        ck.atomic_save({"a": 1}, path)
+    assert os.listdir(tmp_path) == []   # no temp file left behind
+
+
+@pytest.mark.parametrize("recipe", ["grit", "mafa"])
+def test_grit_and_mafa_train_two_epochs_over_unreadable_images(tiny_world, tmp_path, recipe):
+    data = json.load(open(os.path.join(tiny_world, "pretrain.json")))
+    world = str(tmp_path / "world")
+    shutil.copytree(tiny_world, world)
+    gone = [d["image"] for d in data[5:11]]   # 6 of 96 images unreadable: one missing, the rest corrupt
+    os.remove(os.path.join(world, gone[0]))
+    for g in gone[1:]:
+        with open(os.path.join(world, g), "wb") as f:
+            f.write(b"not a jpeg")
+    extra = GRIT if recipe == "grit" else mafa_options(tmp_path)
+    config = write_config(world, str(tmp_path / "c.yaml"), max_bad_image_fraction=0.1, ckpt_every_steps=0, **extra)
+    out = str(tmp_path / "out")
+    r = run(pretrain_cmd(config, out))
+    log = records(out)
+    assert [x["epoch"] for x in log] == [0, 1]
+    # counted once per image and epoch (12 steps x 8 read per epoch; replacements tried are not counted)
+    assert log[0]["bad_images"]["count"] == 6 and log[0]["bad_images"]["seen"] == 96
+    assert log[1]["bad_images"]["count"] == 12 and "skipped 12 unreadable" in r.stdout
+    order = load(os.path.join(out, "checkpoint_01.pth"))["components"]["grit"]["orders"][2]
+    assert len(set(order.tolist())) == len(order) == 96   # a permutation, the unreadable indices included
+
+
+def test_too_many_unreadable_images_stop_every_rank_with_the_last_checkpoint_intact(tiny_world, tmp_path):
+    data = json.load(open(os.path.join(tiny_world, "pretrain.json")))
+    world = str(tmp_path / "world")
+    shutil.copytree(tiny_world, world)
+    for d in data[::3]:   # a third unreadable
+        os.remove(os.path.join(world, d["image"]))
+    config = write_config(world, str(tmp_path / "c.yaml"), ckpt_every_steps=5)
+    out = str(tmp_path / "out")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    import subprocess
+    r = subprocess.run(pretrain_cmd(config, out), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "max_bad_image_fraction" in r.stderr and "--resume latest" in r.stderr
+    assert not [f for f in os.listdir(out) if ".tmp." in f]
+    from engine.checkpointing import resolve_resume
+    ck = load(resolve_resume("latest", out))   # the mid-epoch checkpoint before the stop loads and resumes
+    assert ck["step"] == 10 and ck["iter"] == 10
