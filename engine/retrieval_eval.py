@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from dataset import eval_collate, tokenize_concepts
-from utils import all_reduce_sum, get_rank, get_world_size
 from models.xbert import SELF_ATTN_MASK_VALUE
 from schema import value
+from utils import all_reduce_sum, get_rank, get_world_size
 
 FILL = -100.0
 

@@ -349,13 +349,14 @@ class Trainer:
         epoch, it, self.global_step = int(ck["epoch"]), int(ck.get("iter", -1)), int(ck.get("step", 0))
         print(f"resumed from {path}: epoch {epoch}, iteration {it}, step {self.global_step}")
         self.start_epoch, self.start_iter = epoch, it
-        if it < 0 or it >= self.n_iters or (ck.get("record") or {}).get("stopped_at_iter"):
-            self.start_epoch, self.start_iter = epoch + 1, 0   # an epoch-end checkpoint (ALBEF's: epoch = last done)
-            if ck.get("record") is not None and not self._logged(epoch, self.global_step):
-                print(f"finishing epoch {epoch}: {'evaluation and ' if ck.get('eval_due') else ''}log record")
-                self._complete(epoch, dict(ck["record"]), bool(ck.get("eval_due")) and self.evaluate_fn is not None)
-            if (ck.get("record") or {}).get("stopped_at_iter"):
-                self.start_epoch = self.epochs   # the run had reached max_steps
+        record = ck.get("record")
+        if record is not None and not self._logged(epoch, self.global_step):   # killed before its log line
+            print(f"finishing epoch {epoch}: {'evaluation and ' if ck.get('eval_due') else ''}log record")
+            self._complete(epoch, dict(record), bool(ck.get("eval_due")) and self.evaluate_fn is not None)
+        if record and record.get("stopped_at_iter") and self.max_steps and self.global_step >= int(self.max_steps):
+            self.start_epoch = self.epochs   # the run had reached max_steps: nothing left to train
+        elif it < 0 or it >= self.n_iters:   # an epoch-end checkpoint (ALBEF's: epoch = the last one done)
+            self.start_epoch, self.start_iter = epoch + 1, 0
 
     def _logged(self, epoch, step):
         done = os.path.join(self.output_dir, DONE)

@@ -24,13 +24,16 @@ def load_file(path, config_key=None):
     """Read a ``.pth``/``.bin``/``.safetensors`` file into a dict, without executing pickled code."""
     if not path or not os.path.isfile(path):
         raise _missing(path, config_key)
+    where = f" (config key '{config_key}')" if config_key else ""
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file as st_load
-        return st_load(path, device="cpu")
+        try:
+            return st_load(path, device="cpu")
+        except Exception as e:   # noqa: BLE001 - a truncated or foreign file: name it
+            raise RuntimeError(f"cannot read safetensors file {path!r}{where}: {e}") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:   # corrupt file, or a pickle that needs arbitrary code: both refused
-        where = f" (config key '{config_key}')" if config_key else ""
         raise RuntimeError(f"cannot load checkpoint {path!r}{where} with weights_only=True: {e}") from None
 
 

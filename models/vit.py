@@ -6,6 +6,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.models.vision_transformer import VisionTransformer as _TimmViT
 from torch import nn
+
 from schema import value
 
 

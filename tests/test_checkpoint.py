@@ -140,3 +140,11 @@ def test_real_minilm_weights_and_vocab_load_if_installed():
     assert not [k for k in report.missing if "position_ids" not in k]
     tok = ALBEFTokenizer(dirs[0])
     assert len(tok) == 30522 and tok("hello world")["input_ids"][0, 0].item() == 101
+
+
+def test_corrupt_safetensors_names_the_file_and_the_key(tmp_path):
+    from models.checkpoint import load_file
+    p = tmp_path / "w.safetensors"
+    p.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(RuntimeError, match=r"cannot read safetensors file '.*w.safetensors' \(config key 'vision_init'\)"):
+        load_file(str(p), config_key="vision_init")

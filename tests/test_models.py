@@ -387,3 +387,48 @@ def test_text_assignment_labels_are_consistent():
     two = labels == 2
     assert ((img0[two] != own[two]) & (img1[two] != own[two]) & (img0[two] != img1[two])).all()
     assert set(labels.tolist()) <= {0, 1, 2}
+
+
+def test_itc_similarities_targets_and_itm_weights_stay_fp32_under_bf16_autocast():
+    """bf16 keeps 8 mantissa bits: over a 65,536-entry queue the ITC logits, the softmax targets and the ITM
+    negative weights would lose the differences that rank them."""
+    from models import objectives
+    torch.manual_seed(0)
+    m = MODELS["pretrain"](tiny_config())
+    f = torch.nn.functional.normalize(torch.randn(4, 16), dim=-1)
+    pos = torch.zeros(4, 4 + m.image_queue.shape[1], dtype=torch.bool)
+    pos[:, :4] = torch.eye(4, dtype=torch.bool)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (torch.randn(3, 3) @ torch.randn(3, 3)).dtype == torch.bfloat16   # autocast is on
+        loss, sim_i2t, sim_t2i = m.itc(f, f, f, f, pos, alpha=0.4)
+        ib_i2t, _ = m.in_batch_sims(f, f)
+        w, _ = objectives.hard_negative_weights(sim_i2t[:, :4], pos[:, :4])
+        h = objectives.hidden_itc_loss(f, f, m.temp)
+    assert sim_i2t.dtype == sim_t2i.dtype == ib_i2t.dtype == w.dtype == torch.float32
+    assert loss.dtype == h.dtype == torch.float32
+    ref, ref_i2t, _ = m.itc(f, f, f, f, pos, alpha=0.4)
+    assert torch.equal(ref_i2t, sim_i2t) and torch.equal(ref, loss)
+
+
+def test_accumulation_micro_batches_skip_the_gradient_all_reduce():
+    import contextlib
+    from types import SimpleNamespace
+    from engine.trainer import Trainer
+    entered = []
+
+    class FakeDDP:
+        @contextlib.contextmanager
+        def no_sync(self):
+            entered.append(True)
+            yield
+    lin = torch.nn.Linear(2, 1)
+    t = Trainer.__new__(Trainer)
+    t.env = SimpleNamespace(device=torch.device("cpu"))
+    t.scheduler = SimpleNamespace(step=lambda e, i: None)
+    t.optimizer = torch.optim.SGD(lin.parameters(), lr=0.1)
+    t.alpha, t.warm_up, t.n_iters, t.accum, t.clip, t.loss_weights = 0.0, False, 8, 4, None, {}
+    t.model, t.ddp, t.global_step = lin, FakeDDP(), 0
+    t.autocast = contextlib.nullcontext
+    t.step_fn = lambda model, batch, alpha: {"loss_x": model(batch["x"]).sum()}
+    boundaries = [t._step(lin, {"x": torch.ones(1, 2)}, 0, i)[1] for i in range(8)]
+    assert boundaries == [False, False, False, True] * 2 and len(entered) == 6 and t.global_step == 2

@@ -117,7 +117,10 @@ def test_checkpoint_with_resume_latest_on_an_empty_dir_initialises_and_stale_tem
     assert torch.equal(a["visual_encoder.patch_embed.proj.weight"], b["visual_encoder.patch_embed.proj.weight"])
     # the same command after a preemption resumes the run instead of starting from --checkpoint again
     r = run(pretrain_cmd(config, out, "--checkpoint", init, "--resume", "latest", "--opts", "max_steps=1"))
-    assert "resumed from" in r.stdout and f"loaded {init}" not in r.stdout
+    assert "resumed from" in r.stdout and f"loaded {init}" not in r.stdout and "Train epoch" not in r.stdout
+    # a larger max_steps continues the stopped run where it stopped
+    run(pretrain_cmd(config, out, "--resume", "latest", "--opts", "max_steps=3"))
+    assert load(os.path.join(out, "checkpoint_step00000003.pth"))["iter"] == 3
 
 
 def test_failed_save_names_the_path_and_the_free_space(tmp_path, monkeypatch):
