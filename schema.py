@@ -97,8 +97,10 @@ GROUPS = {
         "image_root": K("path", None, "prefix of relative image paths"),
         "vqa_root": K("path", None, "VQA: COCO image folder"),
         "vg_root": K("path", None, "VQA: Visual Genome image folder"),
-        "answer_list": K("path", None, "VQA: candidate answers"),
-        "eos": K("str", "[SEP]", "VQA: answer end token"),
+        "answer_list": K("path", None, "VQA: candidate answers (answer_list.json)"),
+        "eos": K("str", "[SEP]", "VQA: end token appended to every answer"),
+        "vqa_always_normalize": K("bool", False, "VQA accuracy: normalise answers even when the humans agree "
+                                  "(the official script does so only when they disagree)"),
         "refcoco_data": K("path", None, "Grounding: RefCOCO+ folder"),
         "det_file": K("path", None, "Grounding: detections"),
         "coco_file": K("path", None, "Grounding: COCO annotations"),
@@ -177,10 +179,12 @@ KEYS.update({k: K("dict", None, NESTED_DOC[k]) for k in NESTED})
 TASK_DEFAULTS = {
     "pretrain": {"max_tokens": 25},
     "retrieval": {"train_crop_scale": [0.5, 1.0], "eval_every": 1},
+    "vqa": {"train_crop_scale": [0.5, 1.0], "max_tokens": 25, "k_test": 128, "batch_size_test": 16},
 }
 TASK_REQUIRED = {
     "pretrain": ("train_file", "batch_size", "optimizer", "schedular"),
     "retrieval": ("batch_size_train", "optimizer", "schedular"),
+    "vqa": ("batch_size_train", "optimizer", "schedular", "answer_list", "test_file"),
 }
 
 

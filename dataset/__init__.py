@@ -33,6 +33,17 @@ def create_dataset(name, config, seed=0):
             return pretrain_dataset(config["train_file"], tf, value(config, "max_words"), image_root=root, seed=seed,
                                     **common)
         return re_train_dataset(config["train_file"], tf, root, value(config, "max_words"), seed=seed, **common)
+    if name in ("vqa_train", "vqa_val", "vqa_test"):
+        from dataset.vqa_dataset import vqa_dataset
+        key = {"vqa_train": "train_file", "vqa_val": "val_file", "vqa_test": "test_file"}[name]
+        train = name == "vqa_train"
+        tf = train_transform(res, value(config, "train_crop_scale", "vqa"), value(config, "randaugment")) if train \
+            else test_transform(res)
+        common["concepts"] = concept_options(config, train=train)
+        # ALBEF: training questions keep 30 words, evaluation questions 50
+        return vqa_dataset(config[key], tf, value(config, "vqa_root"), value(config, "vg_root"), value(config, "eos"),
+                           split="train" if train else "test", max_ques_words=30 if train else 50, seed=seed,
+                           config_key=key, image_res=res, **common)
     if name in ("re_val", "re_test"):
         key = "val_file" if name == "re_val" else "test_file"
         return re_eval_dataset(config[key], test_transform(res), root, value(config, "max_words"),

@@ -198,12 +198,82 @@ def build_world(out, seed=0, n_train=3000, n_val=200, n_test=200, captions_per_i
     # candidate visual concepts for tools/visual_concepts.py (ViCHA mines nouns; here the shapes are the
     # only nouns, so colours and sizes join them)
     dump(list(SHAPES) + list(COLORS) + list(SIZES), "vc_vocab.json")
+    vqa = write_vqa(out, by_split, seed)
     write_vocab(os.path.join(out, "vocab"))
     stats = {s: {"images": len(recs), "captions": sum(len(r["captions"]) for r in recs),
                  "captions_with_false_negatives": sum(1 for x in fn.get(s, []) if x["false_negatives"])}
              for s, recs in by_split.items()}
+    for s_, n in vqa.items():
+        stats[s_]["vqa_questions"] = n
     dump(stats, "stats.json")
     return stats
+
+
+# human-like answer variants: what an annotator may write instead of the canonical answer
+VARIANTS = {"1": ["one", "1 shape"], "2": ["two", "2 shapes"], "3": ["three", "3 shapes"], "yes": ["yeah", "yes it is"],
+            "no": ["nope", "no there is not"], "top": ["at the top", "up"], "bottom": ["at the bottom", "down"],
+            "middle": ["in the middle", "center"], "small": ["tiny", "little"], "large": ["big", "large one"]}
+
+
+def vqa_questions(scene, rng):
+    """Questions about one scene with their canonical answer and question type."""
+    objs = scene["objects"]
+    out = [("how many shapes are there", str(len(objs)), "number")]
+    o = rng.choice(objs)
+    same_shape = [x for x in objs if x["shape"] == o["shape"]]
+    same_color = [x for x in objs if x["color"] == o["color"]]
+    if len(same_shape) == 1:
+        out.append((f"what color is the {o['shape']}", o["color"], "other"))
+    if len(same_color) == 1:
+        out.append((f"what shape is the {o['color']} object", o["shape"], "other"))
+    if len([x for x in objs if (x["color"], x["shape"]) == (o["color"], o["shape"])]) == 1:
+        out.append((f"what size is the {o['color']} {o['shape']}", o["size"], "other"))
+        out.append((f"where is the {o['color']} {o['shape']}", o["row"], "other"))
+    if rng.random() < 0.5:
+        out.append((f"is there a {o['color']} {o['shape']}", "yes", "yes/no"))
+    else:
+        c, sh = rng.choice(list(COLORS)), rng.choice(SHAPES)
+        present = any((x["color"], x["shape"]) == (c, sh) for x in objs)
+        out.append((f"is there a {c} {sh}", "yes" if present else "no", "yes/no"))
+    return out
+
+
+def human_answers(answer, rng, n=10):
+    """Ten annotators: most give the canonical answer, some a variant, a few a wrong one."""
+    pool = [a for a in VARIANTS if a != answer] + list(COLORS) + SHAPES
+    out = []
+    for _ in range(n):
+        r = rng.random()
+        if r < 0.75 or answer not in VARIANTS and r < 0.9:
+            out.append(answer)
+        elif r < 0.93 and answer in VARIANTS:
+            out.append(rng.choice(VARIANTS[answer]))
+        else:
+            out.append(rng.choice(pool))
+    return out
+
+
+def write_vqa(out, by_split, seed, per_image=2):
+    """ALBEF-format VQA files from the scenes: vqa_{train,val,test}.json and answer_list.json. Drawn with an
+    RNG of their own, so the other files stay as they were."""
+    rng = random.Random(seed * 7919 + 17)
+    counts, qid = {}, 0
+    answers = set()
+    for split, recs in by_split.items():
+        items = []
+        for r in recs:
+            qs = vqa_questions(r["scene"], rng)
+            for q, a, kind in rng.sample(qs, min(per_image, len(qs))):
+                items.append({"dataset": "vqa", "image": r["image"], "question": q + "?",
+                              "answer": human_answers(a, rng), "question_id": qid, "answer_type": kind})
+                answers.add(a)
+                qid += 1
+        with open(os.path.join(out, f"vqa_{split}.json"), "w") as f:
+            json.dump(items, f)
+        counts[split] = len(items)
+    with open(os.path.join(out, "answer_list.json"), "w") as f:
+        json.dump(sorted(answers), f)
+    return counts
 
 
 def vocabulary():
@@ -217,6 +287,8 @@ def write_vocab(directory):
     os.makedirs(directory, exist_ok=True)
     tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + vocabulary()
     tokens += list("abcdefghijklmnopqrstuvwxyz0123456789") + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
+    # VQA question words, appended so that the ids above stay those of earlier demo checkpoints
+    tokens += ["what", "color", "how", "many", "are", "size", "where", "object", "yes", "no"]
     seen, out = set(), []
     for t in tokens:
         if t not in seen:

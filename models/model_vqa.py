@@ -7,7 +7,7 @@ from schema import value
 
 
 class ALBEF(ALBEFBase):
-    """Training: ``forward(image, question, answer, alpha, k, weights)`` -> loss.
+    """Training: ``forward(image, question, answer, alpha, k, weights)`` -> ``{"loss_vqa": loss}``.
     Inference: ``forward(image, question, answer_list_tokens, k=k_test, train=False)`` -> (topk_ids, topk_probs).
 
     ``k[b]`` answers belong to question ``b`` (flattened in order); ``weights`` are their weights.
@@ -45,15 +45,17 @@ class ALBEF(ALBEFBase):
             states = self.encode_question(image, q_ids, q_mask, concepts=concepts)
             return self.rank_answer(states, q_mask, a_ids, a_mask, k)
         k = torch.as_tensor(k, device=image.device)
+        n = a_ids.shape[0]   # sum(k), known on the host: repeat_interleave needs no device sync
         targets = a_ids.masked_fill(a_ids == self.pad_token_id, -100)
-        states = self.encode_question(image, q_ids, q_mask, concepts=concepts).repeat_interleave(k, dim=0)
-        atts = q_mask.repeat_interleave(k, dim=0)
+        states = self.encode_question(image, q_ids, q_mask, concepts=concepts).repeat_interleave(k, dim=0,
+                                                                                                  output_size=n)
+        atts = q_mask.repeat_interleave(k, dim=0, output_size=n)
         soft = None
         if self.distill:
             with torch.no_grad():
                 self._momentum_update()
                 states_m = self.encode_question(image, q_ids, q_mask, momentum=True,
-                                                concepts=concepts).repeat_interleave(k, dim=0)
+                                                concepts=concepts).repeat_interleave(k, dim=0, output_size=n)
                 logits_m = self.text_decoder_m(a_ids, attention_mask=a_mask, encoder_hidden_states=states_m,
                                                encoder_attention_mask=atts, return_logits=True)
                 soft = F.softmax(logits_m.float(), dim=-1)
@@ -61,7 +63,7 @@ class ALBEF(ALBEFBase):
         out = self.text_decoder(a_ids, attention_mask=a_mask, encoder_hidden_states=states,
                                 encoder_attention_mask=atts, labels=targets, soft_labels=soft, alpha=use_alpha,
                                 reduction="none")
-        return (weights * out.loss).sum() / image.shape[0]
+        return {"loss_vqa": (weights * out.loss).sum() / image.shape[0]}
 
     @torch.no_grad()
     def rank_answer(self, question_states, question_atts, answer_ids, answer_atts, k):

@@ -162,8 +162,9 @@ def launch_config(monkeypatch, launcher, path, *extra):
 def test_original_configs_load_unchanged_through_the_launchers(monkeypatch, path):
     name = os.path.basename(path)
     fork = os.path.basename(os.path.dirname(path))
-    launcher = "Retrieval" if name.startswith(("Retrieval", "filter")) else "Pretrain"
-    if not name.startswith(("Pretrain", "Retrieval", "filter", "NLVR_pretrain")):
+    launcher = "Retrieval" if name.startswith(("Retrieval", "filter")) else "VQA" if name.startswith("VQA") \
+        else "Pretrain"
+    if not name.startswith(("Pretrain", "Retrieval", "filter", "NLVR_pretrain", "VQA")):
         cfg = validate(load_config(path))   # the other tasks' launchers come with their issues
         assert cfg["image_res"] > 0
         return
@@ -178,6 +179,9 @@ def test_original_configs_load_unchanged_through_the_launchers(monkeypatch, path
         assert bert_config_from(cfg).extra.get("output_hidden_states") is True   # the multiscale BERT config
     if fork == "ViCHA" and name.startswith("Retrieval"):
         assert cfg["dual_metrics"] is False
+    if launcher == "VQA":
+        assert cfg["k_test"] == 128 and cfg["eos"] == "[SEP]" and cfg["answer_list"].endswith("answer_list.json")
+        assert cfg["distill"] is (fork in ("ALBEF", "ViCHA"))
     if launcher == "Pretrain":   # the model these keys describe builds (full size, on meta)
         from models.model_pretrain import ALBEF
         with torch.device("meta"):
@@ -214,3 +218,15 @@ def test_grit_original_config_trains_through_pretrain_py(tiny_world, tmp_path):
     assert "GRIT-VLP's top-level queue_size/search_space read as grit" in r.stdout
     ck = torch.load(os.path.join(out, "checkpoint_01.pth"), map_location="cpu", weights_only=True)
     assert "grit" in ck["components"] and not any(k.endswith("_m.weight") for k in ck["model"])
+
+
+def test_shipped_vqa_configs_hold_the_originals_values():
+    albef = validate(load_config("configs/VQA.yaml"), task="vqa")
+    assert albef["image_res"] == 384 and albef["k_test"] == 128 and albef["batch_size_train"] == 32
+    assert albef["batch_size_test"] == 16 and albef["eos"] == "[SEP]" and albef["optimizer"]["lr"] == 2e-5
+    assert albef["schedular"]["epochs"] == 8 and albef["schedular"]["warmup_epochs"] == 4 and albef["alpha"] == 0.4
+    grit = validate(load_config("configs/VQA_grit.yaml"), task="vqa")
+    assert grit["distill"] is False and grit["alpha"] == 0
+    vicha = validate(load_config("configs/VQA_vicha.yaml"), task="vqa")
+    assert vicha["image_res"] == 380 and vicha["kw_img_model"] is True and vicha["batch_size_train"] == 16
+    validate(load_config("configs/demo/VQA.yaml"), task="vqa")

@@ -1,0 +1,120 @@
+"""ALBEF's VQA data: ``vqa_train.json`` / ``vqa_val.json`` / ``vg_qa.json`` / ``vqa_test.json`` unchanged.
+
+Entries: ``{"dataset": "vqa"|"vg", "image", "question", "answer": [str, ...] | str, "question_id"}``. Image
+paths join ``vqa_root`` for VQA entries and ``vg_root`` for Visual Genome ones. Training weights are ALBEF's:
+each distinct answer of a VQA question weighs its share of the answers (0.1 per annotator of 10), a VG answer
+weighs 0.5 (ALBEF's vqa_dataset); every answer gets ``eos`` appended. Bad images are replaced and counted as
+in pretraining.
+"""
+import json
+import os
+from collections import Counter
+
+import torch
+
+from dataset.caption_dataset import AnnotationError, ImageTextDataset, as_list, load_image
+from dataset.utils import pre_question
+
+
+class vqa_dataset(ImageTextDataset):
+    """``split='train'``: (image, question, answers, weights, index, bad); ``'test'``: (image, question,
+    question_id, index, bad), one item per question in file order (unreadable images become blank ones and
+    are counted: every question is answered exactly once)."""
+
+    def __init__(self, ann_file, transform, vqa_root, vg_root, eos="[SEP]", split="train", max_ques_words=30,
+                 seed=0, config_key="train_file", concepts=None, truncated_ok=True, image_res=384):
+        super().__init__(transform, None, seed, concepts, truncated_ok)
+        self.vqa_root, self.vg_root, self.eos, self.split = vqa_root, vg_root, eos, split
+        self.max_ques_words, self.image_res = max_ques_words, image_res
+        required = {"image": str, "question": str}
+        if split == "train":
+            required["answer"] = (str, list)
+        else:
+            required["question_id"] = (int, str)
+        self.ann = self._load(ann_file, required, config_key)
+        for i, a in enumerate(self.ann):
+            if a.get("dataset", "vqa") not in ("vqa", "vg"):
+                raise AnnotationError(f"{config_key}, entry {i}: field 'dataset' must be 'vqa' or 'vg', got "
+                                      f"{a.get('dataset')!r}")
+            if split == "train" and isinstance(a["answer"], list) and not a["answer"]:
+                raise AnnotationError(f"{config_key}, entry {i}: field 'answer' is an empty list")
+        root = {"vqa": vqa_root, "vg": vg_root}
+        for name in {a.get("dataset", "vqa") for a in self.ann}:
+            if not root[name]:
+                raise AnnotationError(f"{config_key} has '{name}' entries but config key '{name}_root' is not set")
+
+    def __len__(self):
+        return len(self.ann)
+
+    def image_path(self, index):
+        a = self.ann[index]
+        root = self.vg_root if a.get("dataset", "vqa") == "vg" else self.vqa_root
+        return a["image"] if os.path.isabs(a["image"]) else os.path.join(root, a["image"])
+
+    def answers(self, index):
+        """(distinct answers with ``eos``, ALBEF's weights)."""
+        a = self.ann[index]
+        if a.get("dataset", "vqa") == "vg":
+            return [a["answer"] + self.eos if isinstance(a["answer"], str) else a["answer"][0] + self.eos], [0.5]
+        counts = Counter(as_list(a["answer"]))
+        n = sum(counts.values())
+        return [ans + self.eos for ans in counts], [c / n for c in counts.values()]
+
+    def __getitem__(self, index):
+        if self.split == "train":
+            image, i, bad = self.read(index)
+            answers, weights = self.answers(i)
+            sample = (image, pre_question(self.ann[i]["question"], self.max_ques_words), answers, weights, i, bad)
+            return self.with_concepts(sample, self.ann[i], i)
+        path, bad = self.image_path(index), []
+        try:
+            image = self.transform(load_image(path, self.truncated_ok))
+        except Exception as e:   # noqa: BLE001 - answered anyway, counted
+            image, bad = torch.zeros(3, self.image_res, self.image_res), [f"{path} ({type(e).__name__})"]
+        a = self.ann[index]
+        sample = (image, pre_question(a["question"], self.max_ques_words), a["question_id"], index, bad)
+        return self.with_concepts(sample, a, index)
+
+
+def read_answer_list(path):
+    """``answer_list.json``: the candidate answers (a JSON list of strings)."""
+    if not path or not os.path.isfile(path):
+        raise AnnotationError(f"answer_list: file not found: {path!r}")
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, list) or not data or not all(isinstance(x, str) for x in data):
+        raise AnnotationError(f"answer_list: {path!r} must hold a non-empty JSON list of strings")
+    return data
+
+
+class VQACollate:
+    """Stack images; tokenize questions (train: ``max_length`` 25 with truncation, ALBEF) and the flattened
+    answers (longest); ``k[b]`` answers belong to question b. One tokenizer call per field per batch."""
+
+    def __init__(self, tokenizer, train=True, max_length=25, vc_max_tokens=55):
+        self.tokenizer, self.train, self.max_length, self.vc_max_tokens = tokenizer, train, max_length, vc_max_tokens
+
+    def __call__(self, batch):
+        from dataset import tokenize_concepts
+        tok = self.tokenizer
+        images = torch.stack([b[0] for b in batch])
+        questions = [b[1] for b in batch]
+        q = tok(questions, padding="longest", truncation=self.train, max_length=self.max_length if self.train else None)
+        out = {"image": images, "question_ids": q["input_ids"], "question_mask": q["attention_mask"],
+               "n": len(batch)}
+        if self.train:
+            answers = [a for b in batch for a in b[2]]
+            ans = tok(answers, padding="longest")
+            out.update(answer_ids=ans["input_ids"], answer_mask=ans["attention_mask"],
+                       weights=torch.tensor([w for b in batch for w in b[3]], dtype=torch.float),
+                       k=torch.tensor([len(b[2]) for b in batch], dtype=torch.long),
+                       idx=torch.tensor([b[4] for b in batch], dtype=torch.long), bad=[p for b in batch for p in b[5]])
+            extra = 6
+        else:
+            out.update(question_id=[b[2] for b in batch], idx=torch.tensor([b[3] for b in batch], dtype=torch.long),
+                       bad=[p for b in batch for p in b[4]])
+            extra = 5
+        if len(batch[0]) > extra:
+            out["kw_input_ids"], out["kw_attention_mask"] = tokenize_concepts(tok, [b[extra] for b in batch],
+                                                                              self.vc_max_tokens)
+        return out
