@@ -82,13 +82,15 @@ def prior_baselines(config):
     from dataset.caption_dataset import as_list, read_json_list
     train = [a for f in as_list(config["train_file"]) for a in read_json_list(f, {"question": str}, "train_file")]
     test = [a for f in as_list(config["test_file"]) for a in read_json_list(f, {"question_id": (int, str)}, "test_file")]
-    top = lambda answers: Counter(answers).most_common(1)[0][0]   # noqa: E731
-    votes = lambda a: as_list(a["answer"])   # noqa: E731
-    majority = top([x for a in train for x in votes(a)])
-    prefix = lambda a: " ".join(a["question"].lower().split()[:3])   # noqa: E731
+    def top(answers):
+        return Counter(answers).most_common(1)[0][0]
+
+    def prefix(a):
+        return " ".join(a["question"].lower().split()[:3])
+    majority = top([x for a in train for x in as_list(a["answer"])])
     by_prefix = {}
     for a in train:
-        by_prefix.setdefault(prefix(a), []).extend(votes(a))
+        by_prefix.setdefault(prefix(a), []).extend(as_list(a["answer"]))
     by_prefix = {p: top(v) for p, v in by_prefix.items()}
     always = value(config, "vqa_always_normalize")
     return {"majority": vqa_score([{"question_id": a["question_id"], "answer": majority} for a in test], test, always),

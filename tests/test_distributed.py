@@ -54,9 +54,10 @@ def test_collectives_send_on_the_comm_device_and_return_on_the_callers(monkeypat
     # meta tensors cannot be copied back: stand in for the way back
     monkeypatch.setattr(utils, "_back", lambda t, like: torch.zeros(t.shape, dtype=t.dtype, device=like.device))
     x = torch.ones(3, dtype=torch.float64)
-    utils.all_reduce_sum(x)
-    utils.concat_all_gather(torch.ones(2, 4))
+    assert utils.all_reduce_sum(x) is x   # in place, on the caller's device
+    out = utils.concat_all_gather(torch.ones(2, 4))
     assert seen == [("all_reduce", "meta"), ("all_gather", "meta")]
+    assert out.device.type == "cpu" and out.shape == (4, 4)   # back on the caller's device, ranks stacked
 
 
 def test_check_mode_refuses_a_collective_that_bypasses_utils(tmp_path):
