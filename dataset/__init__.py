@@ -44,6 +44,16 @@ def create_dataset(name, config, seed=0):
         return vqa_dataset(config[key], tf, value(config, "vqa_root"), value(config, "vg_root"), value(config, "eos"),
                            split="train" if train else "test", max_ques_words=30 if train else 50, seed=seed,
                            config_key=key, image_res=res, **common)
+    if name.startswith(("nlvr_", "ve_")):   # nlvr_train / nlvr_val / nlvr_test, ve_train / ...
+        from dataset.cls_dataset import cls_dataset
+        task, split = name.split("_", 1)
+        key = {"train": "train_file", "val": "val_file", "test": "test_file"}[split]
+        train = split == "train"
+        tf = train_transform(res, value(config, "train_crop_scale", task), value(config, "randaugment")) if train \
+            else test_transform(res)
+        common["concepts"] = concept_options(config, train=train)
+        return cls_dataset(config[key], tf, root, task, value(config, "max_words"), train=train, seed=seed,
+                           config_key=key, image_res=res, **common)
     if name in ("re_val", "re_test"):
         key = "val_file" if name == "re_val" else "test_file"
         return re_eval_dataset(config[key], test_transform(res), root, value(config, "max_words"),

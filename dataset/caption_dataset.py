@@ -149,28 +149,50 @@ class ImageTextDataset(Dataset):
     def image_path(self, index):
         raise NotImplementedError
 
+    def image_paths(self, index):
+        """Every image of one item (NLVR2 has two); the default is the one ``image_path``."""
+        return [self.image_path(index)]
+
     def sample_seed(self, index):
         return zlib.crc32(f"{self.seed}:{self.epoch}:{index}".encode())
 
     def read(self, index):
         """(image tensor, index actually used, [this index's path if its image was unreadable])."""
+        images, i, bad = self.read_images(index)
+        return images[0], i, bad
+
+    def read_images(self, index):
+        """(the item's image tensors, index actually used, [the first unreadable path of this index]). An item
+        with any unreadable image is replaced as a whole, so a two-image example never mixes two items."""
         bad = []
         n = len(self)
         rng = random.Random(self.sample_seed(index) ^ 0x2545F491)
         i = index
         for _ in range(self.max_replacement_tries + 1):
-            path = self.image_path(i)
             try:
-                img = load_image(path, self.truncated_ok)
+                imgs = []
+                for path in self.image_paths(i):
+                    imgs.append(load_image(path, self.truncated_ok))
             except Exception as e:   # noqa: BLE001 - any unreadable file is skipped, never a worker crash
                 if not bad:
                     bad.append(f"{path} ({type(e).__name__})")
                 i = rng.randrange(n)
                 continue
             with seeded(self.sample_seed(i)):
-                return self.transform(img), i, bad
+                return [self.transform(img) for img in imgs], i, bad
         raise RuntimeError(f"item {index} and {self.max_replacement_tries} random replacements are all unreadable "
                            f"(first: {bad[0]}). Check image_root and the annotation paths.")
+
+    def read_for_eval(self, index, image_res):
+        """Evaluation: every item exactly once, so an unreadable image becomes a blank one and is counted."""
+        images, bad = [], []
+        for path in self.image_paths(index):
+            try:
+                images.append(self.transform(load_image(path, self.truncated_ok)))
+            except Exception as e:   # noqa: BLE001
+                images.append(torch.zeros(3, image_res, image_res))
+                bad.append(f"{path} ({type(e).__name__})")
+        return images, bad
 
 
 class pretrain_dataset(ImageTextDataset):
@@ -251,9 +273,5 @@ class re_eval_dataset(ImageTextDataset):
         return resolve(self.ann[index]["image"], self.image_root)
 
     def __getitem__(self, index):
-        path = self.image_path(index)
-        try:
-            return self.transform(load_image(path, self.truncated_ok)), index, []
-        except Exception as e:   # noqa: BLE001
-            blank = torch.zeros(3, self.image_res, self.image_res)
-            return blank, index, [f"{path} ({type(e).__name__})"]
+        images, bad = self.read_for_eval(index, self.image_res)
+        return images[0], index, bad

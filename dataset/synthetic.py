@@ -199,12 +199,16 @@ def build_world(out, seed=0, n_train=3000, n_val=200, n_test=200, captions_per_i
     # only nouns, so colours and sizes join them)
     dump(list(SHAPES) + list(COLORS) + list(SIZES), "vc_vocab.json")
     vqa = write_vqa(out, by_split, seed)
+    nlvr = write_nlvr(out, by_split, seed)
+    ve = write_ve(out, by_split, seed)
     write_vocab(os.path.join(out, "vocab"))
     stats = {s: {"images": len(recs), "captions": sum(len(r["captions"]) for r in recs),
                  "captions_with_false_negatives": sum(1 for x in fn.get(s, []) if x["false_negatives"])}
              for s, recs in by_split.items()}
     for s_, n in vqa.items():
         stats[s_]["vqa_questions"] = n
+    for s_ in by_split:
+        stats[s_]["nlvr_examples"], stats[s_]["ve_examples"] = nlvr[s_], ve[s_]
     dump(stats, "stats.json")
     return stats
 
@@ -276,6 +280,93 @@ def write_vqa(out, by_split, seed, per_image=2):
     return counts
 
 
+# ------------------------------------------------------------------ NLVR2 and SNLI-VE in ALBEF's formats
+SPLIT_FILE = {"train": "train", "val": "dev", "test": "test"}   # ALBEF's nlvr_/ve_ file names
+NLVR_KINDS = ("left", "right", "both", "more")
+VE_KINDS = ("there", "property")
+VE_LABELS = ("contradiction", "neutral", "entailment")   # ALBEF's class ids 0, 1, 2
+
+
+def has(scene, color, shape):
+    return any((o["color"], o["shape"]) == (color, shape) for o in scene["objects"])
+
+
+def nlvr_statement(kind, left, right, rng):
+    """(sentence, truth) about an image pair; the object named comes from one of the two images or at random."""
+    if kind == "more":
+        a, b = ("left", "right") if rng.random() < 0.5 else ("right", "left")
+        n = {"left": len(left["objects"]), "right": len(right["objects"])}
+        return f"there are more shapes in the {a} image than in the {b} image", n[a] > n[b]
+    r = rng.random()
+    o = rng.choice((left if r < 0.4 else right)["objects"]) if r < 0.8 else random_object(rng)
+    c, s = o["color"], o["shape"]
+    if kind == "both":
+        return f"there is a {c} {s} in both images", has(left, c, s) and has(right, c, s)
+    return f"there is a {c} {s} in the {kind} image", has(left if kind == "left" else right, c, s)
+
+
+def write_nlvr(out, by_split, seed, per_image=2, tries=200):
+    """``nlvr_{train,dev,test}.json``: statements about random image pairs of a split, true or false, balanced
+    per statement kind (a sentence alone says nothing about its label). Own RNG: the other files stay."""
+    rng = random.Random(seed * 104729 + 3)
+    counts = {}
+    for split, recs in by_split.items():
+        items = []
+        for n in range(per_image * len(recs)):
+            kind, want = NLVR_KINDS[n % len(NLVR_KINDS)], (n // len(NLVR_KINDS)) % 2 == 0
+            for _ in range(tries):
+                left, right = rng.sample(recs, 2)
+                sentence, truth = nlvr_statement(kind, left["scene"], right["scene"], rng)
+                if truth == want:
+                    break
+            else:
+                continue
+            items.append({"images": [left["image"], right["image"]], "sentence": sentence,
+                          "label": "True" if truth else "False", "kind": kind})
+        rng.shuffle(items)
+        with open(os.path.join(out, f"nlvr_{SPLIT_FILE[split]}.json"), "w") as f:
+            json.dump(items, f)
+        counts[split] = len(items)
+    return counts
+
+
+def ve_hypothesis(kind, scene, present, rng):
+    """A hypothesis naming an object that is (``present``) or is not in the scene. ``there``: entailed or
+    contradicted; ``property``: neutral if the object is there (its weight or age cannot be seen), else
+    contradicted (there is no such object)."""
+    if present:
+        o = rng.choice(scene["objects"])
+        c, s = o["color"], o["shape"]
+    else:
+        while True:
+            c, s = rng.choice(list(COLORS)), rng.choice(SHAPES)
+            if not has(scene, c, s):
+                break
+    if kind == "there":
+        return f"there is a {c} {s}", "entailment" if present else "contradiction"
+    return f"the {c} {s} is {rng.choice(['heavy', 'new'])}", "neutral" if present else "contradiction"
+
+
+def write_ve(out, by_split, seed, per_image=2):
+    """``ve_{train,dev,test}.json`` in SNLI-VE's format (``image`` without extension under ``images/``).
+    Within each hypothesis form half name a present object and half an absent one, so the hypothesis alone
+    cannot beat the majority class (contradiction, 50%)."""
+    rng = random.Random(seed * 15485863 + 5)
+    counts = {}
+    for split, recs in by_split.items():
+        items = []
+        for i, r in enumerate(recs):
+            for j in range(per_image):
+                kind, present = VE_KINDS[j % 2], (i + j) % 2 == 0   # exactly half present within each form
+                sentence, label = ve_hypothesis(kind, r["scene"], present, rng)
+                items.append({"image": os.path.splitext(os.path.basename(r["image"]))[0], "sentence": sentence,
+                              "label": label, "kind": kind})
+        with open(os.path.join(out, f"ve_{SPLIT_FILE[split]}.json"), "w") as f:
+            json.dump(items, f)
+        counts[split] = len(items)
+    return counts
+
+
 def vocabulary():
     words = set(COLORS) | set(SHAPES) | set(SIZES) | set(ROWS) | set(COUNT_WORD.values())
     words |= {"a", "and", "at", "the", "in", "there", "is", "shape", "shapes", "on", "of", "with"}
@@ -289,6 +380,8 @@ def write_vocab(directory):
     tokens += list("abcdefghijklmnopqrstuvwxyz0123456789") + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
     # VQA question words, appended so that the ids above stay those of earlier demo checkpoints
     tokens += ["what", "color", "how", "many", "are", "size", "where", "object", "yes", "no"]
+    # NLVR2 statements and VE hypotheses, appended likewise
+    tokens += ["left", "right", "image", "images", "both", "more", "than", "heavy", "new"]
     seen, out = set(), []
     for t in tokens:
         if t not in seen:

@@ -12,7 +12,7 @@ from collections import Counter
 
 import torch
 
-from dataset.caption_dataset import AnnotationError, ImageTextDataset, as_list, load_image
+from dataset.caption_dataset import AnnotationError, ImageTextDataset, as_list
 from dataset.utils import pre_question
 
 
@@ -66,11 +66,7 @@ class vqa_dataset(ImageTextDataset):
             answers, weights = self.answers(i)
             sample = (image, pre_question(self.ann[i]["question"], self.max_ques_words), answers, weights, i, bad)
             return self.with_concepts(sample, self.ann[i], i)
-        path, bad = self.image_path(index), []
-        try:
-            image = self.transform(load_image(path, self.truncated_ok))
-        except Exception as e:   # noqa: BLE001 - answered anyway, counted
-            image, bad = torch.zeros(3, self.image_res, self.image_res), [f"{path} ({type(e).__name__})"]
+        (image,), bad = self.read_for_eval(index, self.image_res)   # answered anyway, counted
         a = self.ann[index]
         sample = (image, pre_question(a["question"], self.max_ques_words), a["question_id"], index, bad)
         return self.with_concepts(sample, a, index)
