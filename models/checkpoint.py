@@ -80,11 +80,21 @@ def remap_vqa(sd, fusion_layer):
     return out
 
 
-def remap_nlvr_pretrain(sd, fusion_layer):
-    """12-layer pretraining layout -> 18-layer NLVR text encoder: fusion layer n -> 2n-f and 2n-f+1."""
+def remap_nlvr_pretrain(sd, fusion_layer, num_layers=None):
+    """12-layer pretraining layout -> 18-layer NLVR text encoder: fusion layer n -> 2n-f and 2n-f+1 (ALBEF's
+    Pretrain_nlvr.py). With ``num_layers`` (the NLVR encoder's depth) a checkpoint already in that layout (a
+    text-assignment or NLVR checkpoint) passes unchanged, so NLVR.py takes either kind."""
     out = {}
     pat = re.compile(r"^(text_encoder(?:_m)?)\.encoder\.layer\.(\d+)\.(.*)$")
-    for key, v in strip_bert(sd).items():
+    sd = strip_bert(sd)
+    if num_layers is not None:
+        found = 1 + max((int(m.group(2)) for m in map(pat.match, sd) if m), default=-1)
+        if found == num_layers:
+            return sd
+        if 2 * found - fusion_layer != num_layers:
+            raise ValueError(f"the checkpoint's text encoder has {found} layers: neither the pretraining layout "
+                             f"({(num_layers + fusion_layer) // 2}) nor the NLVR one ({num_layers}) of this config")
+    for key, v in sd.items():
         m = pat.match(key)
         if m and int(m.group(2)) >= fusion_layer:
             n = int(m.group(2))
