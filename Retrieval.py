@@ -6,13 +6,11 @@
 The checkpoint is selected on the validation split (``checkpoint_best.pth``); the test split is
 evaluated once, with that checkpoint. Results go to ``output_dir/results.jsonl`` and ``results.md``.
 """
-import os
-
 from dataset import TextCollate, batch_concepts, create_dataset
 from engine.config import base_parser, parse_launcher
 from engine.retrieval_eval import Results, evaluate_split
 from engine.trainer import Trainer, autocast_context, build
-from models.checkpoint import load_checkpoint, strip_bert
+from models.checkpoint import strip_bert
 from models.model_retrieval import ALBEF
 from schema import value
 
@@ -57,13 +55,7 @@ def main():
     trainer.fit(resume=args.resume)
     if test is None:
         return
-    best = os.path.join(args.output_dir, "checkpoint_best.pth")
-    if val is not None and os.path.isfile(best):
-        load_checkpoint(model, best, strict=True, verbose=False)
-        info = {"epoch": trainer.best["epoch"], "checkpoint": "checkpoint_best.pth (selected on val r_mean)"}
-    else:
-        info = {"checkpoint": "last epoch (no val_file to select on)"}
-    evaluate(model, "test", test, trainer.autocast, **info)
+    evaluate(model, "test", test, trainer.autocast, **trainer.load_best())
 
 
 if __name__ == "__main__":

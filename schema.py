@@ -180,11 +180,17 @@ TASK_DEFAULTS = {
     "pretrain": {"max_tokens": 25},
     "retrieval": {"train_crop_scale": [0.5, 1.0], "eval_every": 1},
     "vqa": {"train_crop_scale": [0.5, 1.0], "max_tokens": 25, "k_test": 128, "batch_size_test": 16},
+    "pretrain_nlvr": {"max_tokens": 25},
+    "nlvr": {"train_crop_scale": [0.5, 1.0], "eval_every": 1},
+    "ve": {"train_crop_scale": [0.5, 1.0], "warm_up": False, "eval_every": 1},
 }
 TASK_REQUIRED = {
     "pretrain": ("train_file", "batch_size", "optimizer", "schedular"),
     "retrieval": ("batch_size_train", "optimizer", "schedular"),
     "vqa": ("batch_size_train", "optimizer", "schedular", "answer_list", "test_file"),
+    "pretrain_nlvr": ("train_file", "batch_size", "optimizer", "schedular"),
+    "nlvr": ("optimizer", "schedular"),
+    "ve": ("optimizer", "schedular"),
 }
 
 

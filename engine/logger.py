@@ -114,3 +114,50 @@ class RunLog:
     def close(self):
         if self.tb is not None:
             self.tb.close()
+
+
+class Results:
+    """Evaluation results in ``output_dir``: ``results.jsonl`` (one JSON object per evaluation) and
+    ``results.md`` (the same as a table), rewritten after each evaluation. Main process only."""
+
+    COLUMNS = ()   # the metrics shown in the console line and the table (subclasses / ``columns``)
+
+    def __init__(self, output_dir, main=True, columns=None):
+        if columns is not None:
+            self.COLUMNS = tuple(columns)
+        self.jsonl, self.md, self.main = os.path.join(output_dir, "results.jsonl"), \
+            os.path.join(output_dir, "results.md"), main
+        if main:
+            os.makedirs(output_dir, exist_ok=True)
+
+    def add(self, split, metrics, **info):
+        row = {"split": split, **info, **{k: round(float(v), 4) for k, v in metrics.items()}}
+        print(f"{split}: " + "  ".join(f"{k} {row[k]:.2f}" for k in self.COLUMNS if k in row))
+        if not self.main:
+            return row
+        rows = self._rows()
+        if "epoch" in row:   # an evaluation re-run on resume (killed after its row) replaces its row
+            rows = [r for r in rows if (r.get("split"), r.get("epoch")) != (split, row["epoch"])]
+        rows.append(row)
+        tmp = f"{self.jsonl}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
+        os.replace(tmp, self.jsonl)
+        self._table(rows)
+        return row
+
+    def _rows(self):
+        if not os.path.isfile(self.jsonl):
+            return []
+        with open(self.jsonl) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def _table(self, rows):
+        extra = [k for k in ("epoch", "checkpoint") if any(k in r for r in rows)]
+        head = ["split", *extra, *self.COLUMNS]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            cells = [str(r.get(k, "")) if k in ("split", *extra) else f"{r[k]:.2f}" if k in r else "" for k in head]
+            lines.append("| " + " | ".join(cells) + " |")
+        with open(self.md, "w") as f:
+            f.write("\n".join(lines) + "\n")

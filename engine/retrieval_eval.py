@@ -17,9 +17,7 @@ result is never used:
 Scores are the ITM match logit inside a row's top-k and -100 elsewhere. Unique pairs are split across
 ranks and the scores summed, so every rank ends with the full matrices.
 """
-import json
 import math
-import os
 
 import numpy as np
 import torch
@@ -27,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from dataset import eval_collate, tokenize_concepts
+from engine import logger
 from models.xbert import SELF_ATTN_MASK_VALUE
 from schema import value
 from utils import all_reduce_sum, get_rank, get_world_size
@@ -340,36 +339,5 @@ def evaluate_split(model, dataset, tokenizer, config, device, autocast=None):
     return metrics
 
 
-class Results:
-    """Evaluation results in ``output_dir``: ``results.jsonl`` (one JSON object per evaluation) and
-    ``results.md`` (the same as a table), rewritten after each evaluation. Main process only."""
-
+class Results(logger.Results):
     COLUMNS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean")
-
-    def __init__(self, output_dir, main=True):
-        self.jsonl, self.md, self.main = os.path.join(output_dir, "results.jsonl"), \
-            os.path.join(output_dir, "results.md"), main
-        if main:
-            os.makedirs(output_dir, exist_ok=True)
-
-    def add(self, split, metrics, **info):
-        row = {"split": split, **info, **{k: round(float(v), 4) for k, v in metrics.items()}}
-        print(f"{split}: " + "  ".join(f"{k} {row[k]:.2f}" for k in self.COLUMNS if k in row))
-        if not self.main:
-            return row
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        self._table()
-        return row
-
-    def _table(self):
-        with open(self.jsonl) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        extra = [k for k in ("epoch", "checkpoint") if any(k in r for r in rows)]
-        head = ["split", *extra, *self.COLUMNS]
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for r in rows:
-            cells = [str(r.get(k, "")) if k in ("split", *extra) else f"{r[k]:.2f}" if k in r else "" for k in head]
-            lines.append("| " + " | ".join(cells) + " |")
-        with open(self.md, "w") as f:
-            f.write("\n".join(lines) + "\n")

@@ -385,5 +385,16 @@ class Trainer:
             barrier()
         record["best_epoch"] = self.best["epoch"]
 
+    def load_best(self):
+        """After ``fit``: load ``checkpoint_best.pth`` (selected on ``select_metric``) for the one test evaluation;
+        returns what the test row says about the weights used."""
+        from models.checkpoint import load_checkpoint
+        best = os.path.join(self.output_dir, "checkpoint_best.pth")
+        if self.select_metric and self.best is not None and os.path.isfile(best):
+            load_checkpoint(self.model, best, strict=True, verbose=False)
+            return {"epoch": self.best["epoch"],
+                    "checkpoint": f"checkpoint_best.pth (selected on {self.select_metric.replace('_', ' ', 1)})"}
+        return {"checkpoint": "last epoch (no val_file to select on)"}
+
 
 __all__ = ["Trainer", "setup", "Env", "get_rank", "get_world_size", "BadImageError"]
