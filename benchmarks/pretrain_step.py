@@ -15,11 +15,11 @@ import argparse
 import os
 import resource
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.timing import median_step_time   # noqa: E402
 from engine.config import load_config   # noqa: E402
 from models.ecm import ConnectionDiscriminator   # noqa: E402
 from models.model_pretrain import ALBEF   # noqa: E402
@@ -61,26 +61,22 @@ def measure(cfg, batch, device, attn, precision, steps, warmup, with_filter=None
         lambda: torch.autocast(device.type, enabled=False))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+
+    def step():
         with ctx():
             out = model(image, text, alpha=0.4, concepts=concepts)
             loss = sum(v for k, v in out.items() if k.startswith("loss"))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-            if counts is not None:   # after the timing: reading a count syncs
-                for k, v in out.items():
-                    if k.startswith("count_"):
-                        counts.setdefault(k[len("count_"):], []).append(int(v))
-    sec = sorted(times)[len(times) // 2]
+        return out
+
+    def count(out):
+        if counts is not None:
+            for k, v in out.items():
+                if k.startswith("count_"):
+                    counts.setdefault(k[len("count_"):], []).append(int(v))
+    sec = median_step_time(step, steps, warmup, device, after=count)
     peak = (torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
     return batch / sec, peak

@@ -16,11 +16,11 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.timing import timed   # noqa: E402
 from dataset import create_dataset   # noqa: E402
 from dataset.synthetic import build_world   # noqa: E402
 from engine.config import load_config   # noqa: E402
@@ -70,24 +70,15 @@ def main():
             print(f"{len(ds)} images, {len(ds.text)} captions, k_test {a.k_test}, {a.device} {a.dtype}, "
                   f"{torch.get_num_threads()} threads")
 
-            def timed(fn):
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                out = fn()
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                return out, time.perf_counter() - t
-
             (i2t, t2i), t_fast = timed(lambda: score_matrices(model, sims, img_states, txt_states, atts, a.k_test,
-                                                              a.pair_batch, image_atts=img_atts))
+                                                              a.pair_batch, image_atts=img_atts), dev)
             print(f"fast     {t_fast:8.1f} s", flush=True)
             ni, nt = sims.shape
             g = torch.Generator().manual_seed(0)
             rows_i = torch.randperm(ni, generator=g)[:a.ref_queries].tolist() if a.ref_queries else list(range(ni))
             rows_t = torch.randperm(nt, generator=g)[:5 * a.ref_queries].tolist() if a.ref_queries else list(range(nt))
             (r_i2t, r_t2i), t_ref = timed(lambda: reference_scores(model, sims, img_states, txt_states, atts,
-                                                                   a.k_test, rows_i, rows_t, img_atts))
+                                                                   a.k_test, rows_i, rows_t, img_atts), dev)
             t_ref *= (ni + nt) / (len(rows_i) + len(rows_t))
             note = (f"  (timed on {len(rows_i)} image + {len(rows_t)} text queries of {ni} + {nt}, scaled)"
                     if a.ref_queries else "")

@@ -10,23 +10,13 @@ questions/s of both, their ratio, and the step's samples/s.
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.timing import timed   # noqa: E402
 from engine.config import load_config   # noqa: E402
 from models.model_vqa import ALBEF   # noqa: E402
-
-
-def timed(fn, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - t
 
 
 def main():

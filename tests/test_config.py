@@ -144,7 +144,9 @@ ORIGINAL_FILES = sorted(glob.glob(os.path.join(ORIGINALS, "*", "*.yaml")))
 def launch_config(monkeypatch, launcher, path, *extra):
     """The config exactly as the launcher ``launcher`` (Pretrain or Retrieval) reads it from its arguments."""
     import importlib
-    mod = importlib.import_module(launcher)
+    mod = importlib.import_module("engine.classify" if launcher in ("NLVR", "VE") else launcher)
+    main = (lambda: mod.main(launcher.lower(), launcher, path, "/nonexistent")) if launcher in ("NLVR", "VE") \
+        else mod.main
     captured = {}
 
     def stop(args, config, *a, **k):
@@ -153,7 +155,7 @@ def launch_config(monkeypatch, launcher, path, *extra):
     monkeypatch.setattr(mod, "build", stop)
     monkeypatch.setattr(sys, "argv", [launcher + ".py", "--config", path, "--output_dir", "/nonexistent", *extra])
     with pytest.raises(SystemExit):
-        mod.main()
+        main()
     return captured["config"]
 
 
@@ -163,8 +165,9 @@ def test_original_configs_load_unchanged_through_the_launchers(monkeypatch, path
     name = os.path.basename(path)
     fork = os.path.basename(os.path.dirname(path))
     launcher = "Retrieval" if name.startswith(("Retrieval", "filter")) else "VQA" if name.startswith("VQA") \
-        else "Pretrain"
-    if not name.startswith(("Pretrain", "Retrieval", "filter", "NLVR_pretrain", "VQA")):
+        else "Pretrain_nlvr" if name.startswith("NLVR_pretrain") else "NLVR" if name.startswith("NLVR") \
+        else "VE" if name.startswith("VE") else "Pretrain"
+    if not name.startswith(("Pretrain", "Retrieval", "filter", "NLVR", "VE", "VQA")):
         cfg = validate(load_config(path))   # the other tasks' launchers come with their issues
         assert cfg["image_res"] > 0
         return
@@ -182,6 +185,16 @@ def test_original_configs_load_unchanged_through_the_launchers(monkeypatch, path
     if launcher == "VQA":
         assert cfg["k_test"] == 128 and cfg["eos"] == "[SEP]" and cfg["answer_list"].endswith("answer_list.json")
         assert cfg["distill"] is (fork in ("ALBEF", "ViCHA"))
+    if launcher in ("NLVR", "VE", "Pretrain_nlvr"):   # full size, on meta: 18 text layers for the two NLVR ones
+        from models import MODELS
+        with torch.device("meta"):
+            model = MODELS[{"NLVR": "nlvr", "VE": "ve", "Pretrain_nlvr": "pretrain_nlvr"}[launcher]](cfg)
+        assert len(model.text_encoder.encoder.layer) == (12 if launcher == "VE" else 18)
+        if launcher != "Pretrain_nlvr":
+            assert model.distill is (fork != "GRIT-VLP" and fork != "MAFA") and cfg["alpha"] == (0 if not model.distill else 0.4)
+            assert cfg["warm_up"] is (launcher == "NLVR") and cfg["schedular"]["lr"] == 2e-5
+        else:
+            assert cfg["image_res"] == 256 and cfg["max_tokens"] == 25 and not model.vision_proj.weight.requires_grad
     if launcher == "Pretrain":   # the model these keys describe builds (full size, on meta)
         from models.model_pretrain import ALBEF
         with torch.device("meta"):
@@ -230,3 +243,21 @@ def test_shipped_vqa_configs_hold_the_originals_values():
     vicha = validate(load_config("configs/VQA_vicha.yaml"), task="vqa")
     assert vicha["image_res"] == 380 and vicha["kw_img_model"] is True and vicha["batch_size_train"] == 16
     validate(load_config("configs/demo/VQA.yaml"), task="vqa")
+
+
+def test_shipped_nlvr_and_ve_configs_hold_the_originals_values():
+    albef = validate(load_config("configs/NLVR.yaml"), task="nlvr")
+    assert albef["batch_size"] == 16 and albef["image_res"] == 384 and albef["schedular"]["epochs"] == 10
+    assert albef["distill"] is True and albef["alpha"] == 0.4 and albef["train_crop_scale"] == [0.5, 1.0]
+    assert validate(load_config("configs/NLVR_grit.yaml"), task="nlvr")["distill"] is False
+    vicha = validate(load_config("configs/NLVR_vicha.yaml"), task="nlvr")
+    assert vicha["kw_img_model"] is True and vicha["batch_size"] == 8 and vicha["image_res"] == 380
+    ve = validate(load_config("configs/VE.yaml"), task="ve")
+    assert ve["warm_up"] is False and ve["batch_size_train"] == 32 and ve["batch_size_test"] == 64
+    assert ve["schedular"]["epochs"] == 5
+    assert validate(load_config("configs/VE_vicha.yaml"), task="ve")["batch_size_train"] == 16
+    ta = validate(load_config("configs/NLVR_pretrain.yaml"), task="pretrain_nlvr")
+    assert ta["batch_size"] == 64 and ta["image_res"] == 256 and ta["schedular"]["epochs"] == 1
+    assert validate(load_config("configs/NLVR_pretrain_vicha.yaml"), task="pretrain_nlvr")["batch_size"] == 32
+    for name, task in (("NLVR_pretrain", "pretrain_nlvr"), ("NLVR", "nlvr"), ("VE", "ve")):
+        validate(load_config(f"configs/demo/{name}.yaml"), task=task)
