@@ -74,6 +74,18 @@ def test_text_assignment_freezes_what_the_loss_never_reaches():
     assert "vision_proj.weight" not in trainable and "temp" not in trainable and "ta_head.weight" in trainable
 
 
+@pytest.mark.parametrize("task", ["nlvr", "ve"])
+def test_every_trainable_parameter_of_the_finetuning_models_gets_a_gradient(task):
+    """DDP without find_unused_parameters fails at the second step on any trainable parameter left out."""
+    from models import MODELS
+    torch.manual_seed(0)
+    m = MODELS[task](tiny_config())
+    n_img = 2 if task == "nlvr" else 1
+    m(torch.randn(3 * n_img, 3, 32, 32), tiny_text(3), targets=torch.tensor([0, 1, 1]), alpha=0.4).backward()
+    assert not [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None]
+    assert not [n for n, p in m.named_parameters() if n.split(".")[0].endswith("_m") and p.requires_grad]
+
+
 # ---------------------------------------------------------------------------------------------- loss and model
 def test_distilled_cross_entropy_against_a_hand_computation():
     from models.classifier import distilled_ce
