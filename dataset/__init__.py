@@ -54,6 +54,14 @@ def create_dataset(name, config, seed=0):
         common["concepts"] = concept_options(config, train=train)
         return cls_dataset(config[key], tf, root, task, value(config, "max_words"), train=train, seed=seed,
                            config_key=key, image_res=res, **common)
+    if name in ("grounding_train", "grounding_test"):
+        from dataset.grounding_dataset import grounding_dataset
+        train = name == "grounding_train"
+        key = "train_file" if train else "test_file"
+        tf = train_transform(res, None, value(config, "randaugment")) if train else test_transform(res)
+        return grounding_dataset(config[key], tf, root, value(config, "max_words"), mode="train" if train else "test",
+                                 seed=seed, config_key=key, truncated_ok=common["truncated_ok"], image_res=res,
+                                 concepts=concept_options(config, train=train))
     if name in ("re_val", "re_test"):
         key = "val_file" if name == "re_val" else "test_file"
         return re_eval_dataset(config[key], test_transform(res), root, value(config, "max_words"),

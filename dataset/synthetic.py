@@ -52,6 +52,12 @@ def mutate(scene, rng):
 
 
 def render(scene, size, rng):
+    return render_with_boxes(scene, size, rng)[0]
+
+
+def render_with_boxes(scene, size, rng):
+    """(image, [x, y, w, h] of every object in pixels, in scene order); the same RNG draws as ``render``."""
+    boxes = []
     img = Image.new("RGB", (size, size), tuple(scene["background"]))
     d = ImageDraw.Draw(img)
     cell = size / 3
@@ -60,6 +66,7 @@ def render(scene, size, rng):
         cx = cell * (o["col"] + 0.5) + rng.uniform(-0.06, 0.06) * cell
         cy = cell * (ROWS.index(o["row"]) + 0.5) + rng.uniform(-0.06, 0.06) * cell
         c = COLORS[o["color"]]
+        boxes.append([round(cx - r, 1), round(cy - r, 1), round(2 * r, 1), round(2 * r, 1)])
         if o["shape"] == "circle":
             d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=c)
         elif o["shape"] == "square":
@@ -72,7 +79,7 @@ def render(scene, size, rng):
             w = r / 3
             d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=c)
             d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=c)
-    return img.filter(ImageFilter.GaussianBlur(0.4))
+    return img.filter(ImageFilter.GaussianBlur(0.4)), boxes
 
 
 # ------------------------------------------------------------------ captions as structured constraints
@@ -163,13 +170,14 @@ def build_world(out, seed=0, n_train=3000, n_val=200, n_test=200, captions_per_i
     records = []
     for i, (scene, split) in enumerate(zip(scenes, splits)):
         name = f"images/{split}_{i:06d}.jpg"
-        render(scene, size, rng).save(os.path.join(out, name), quality=92)
+        img, boxes = render_with_boxes(scene, size, rng)
+        img.save(os.path.join(out, name), quality=92)
         specs = []
         while len(specs) < captions_per_image:
             sp = make_caption(scene, rng)
             if caption_text(sp) not in [caption_text(s) for s in specs] or len(specs) > 20:
                 specs.append(sp)
-        records.append({"image": name, "image_id": i, "split": split, "scene": scene,
+        records.append({"image": name, "image_id": i, "split": split, "scene": scene, "boxes": boxes, "size": size,
                         "captions": [caption_text(s) for s in specs], "caption_specs": specs})
     by_split = {s: [r for r in records if r["split"] == s] for s in ("train", "val", "test")}
 
@@ -201,6 +209,7 @@ def build_world(out, seed=0, n_train=3000, n_val=200, n_test=200, captions_per_i
     vqa = write_vqa(out, by_split, seed)
     nlvr = write_nlvr(out, by_split, seed)
     ve = write_ve(out, by_split, seed)
+    grounding = write_grounding(out, by_split, seed)
     write_vocab(os.path.join(out, "vocab"))
     stats = {s: {"images": len(recs), "captions": sum(len(r["captions"]) for r in recs),
                  "captions_with_false_negatives": sum(1 for x in fn.get(s, []) if x["false_negatives"])}
@@ -209,6 +218,7 @@ def build_world(out, seed=0, n_train=3000, n_val=200, n_test=200, captions_per_i
         stats[s_]["vqa_questions"] = n
     for s_ in by_split:
         stats[s_]["nlvr_examples"], stats[s_]["ve_examples"] = nlvr[s_], ve[s_]
+        stats[s_]["referring_expressions"] = grounding[s_]
     dump(stats, "stats.json")
     return stats
 
@@ -364,6 +374,81 @@ def write_ve(out, by_split, seed, per_image=2):
         with open(os.path.join(out, f"ve_{SPLIT_FILE[split]}.json"), "w") as f:
             json.dump(items, f)
         counts[split] = len(items)
+    return counts
+
+
+# ------------------------------------------------------------------ RefCOCO+ in the REFER layout
+def referring_expression(scene, k):
+    """The shortest description that picks object ``k`` alone: size / colour / shape / row, fewest first."""
+    from itertools import combinations
+    objs = scene["objects"]
+    o = objs[k]
+    for n in range(1, 5):
+        for attrs in combinations(("color", "shape", "size", "row"), n):
+            if sum(all(x[a] == o[a] for a in attrs) for x in objs) == 1:
+                m = {a: o[a] for a in attrs}
+                words = [m[a] for a in ("size", "color", "shape") if a in m] + ([] if "shape" in m else ["shape"])
+                return "the " + " ".join(words) + (" " + POS_PHRASE[m["row"]] if "row" in m else "")
+    return None   # two identical objects in one row: no expression tells them apart
+
+
+def proposals(boxes, size, rng, jitter=2, background=3):
+    """Detector-like proposals: every object's box, ``jitter`` shifted / rescaled copies of each, and
+    ``background`` random boxes."""
+    out = []
+    for x, y, w, h in boxes:
+        out.append([x, y, w, h])
+        for _ in range(jitter):
+            s = rng.uniform(0.6, 1.6)
+            nw, nh = w * s, h * s
+            cx, cy = x + w / 2 + rng.uniform(-0.5, 0.5) * w, y + h / 2 + rng.uniform(-0.5, 0.5) * h
+            out.append([cx - nw / 2, cy - nh / 2, nw, nh])
+    for _ in range(background):
+        w, h = rng.uniform(0.15, 0.5) * size, rng.uniform(0.15, 0.5) * size
+        out.append([rng.uniform(0, size - w), rng.uniform(0, size - h), w, h])
+    clipped = []
+    for x, y, w, h in out:
+        x0, y0, x1, y1 = max(0.0, x), max(0.0, y), min(float(size), x + w), min(float(size), y + h)
+        clipped.append([round(x0, 1), round(y0, 1), round(x1 - x0, 1), round(y1 - y0, 1)])
+    rng.shuffle(clipped)
+    return clipped
+
+
+def write_grounding(out, by_split, seed):
+    """RefCOCO+ as ALBEF reads it: ``refcoco+_{train,val,test}.json`` (``image``, ``text``, ``ref_id``),
+    ``refcoco+/refs(unc).p`` (a plain pickle of dicts, REFER's layout), ``refcoco+/instances.json`` (COCO
+    images and boxes) and ``refcoco+/dets.json`` (proposals by image id). Splits: train, val, and the test
+    images as testA (one or two objects) / testB (three). Own RNG: the other files stay."""
+    import pickle
+    rng = random.Random(seed * 7777 + 11)
+    os.makedirs(os.path.join(out, "refcoco+"), exist_ok=True)
+    refs, images, anns, dets, files, counts = [], [], [], {}, {"train": [], "val": [], "test": []}, {}
+    for split, recs in by_split.items():
+        counts[split] = 0
+        for r in recs:
+            images.append({"id": r["image_id"], "file_name": r["image"], "width": r["size"], "height": r["size"]})
+            dets[str(r["image_id"])] = proposals(r["boxes"], r["size"], rng)
+            for k, box in enumerate(r["boxes"]):
+                ann_id = r["image_id"] * 10 + k
+                anns.append({"id": ann_id, "image_id": r["image_id"], "bbox": box, "category_id": 1})
+                text = referring_expression(r["scene"], k)
+                if text is None:
+                    continue
+                ref_split = split if split != "test" else ("testB" if len(r["boxes"]) == 3 else "testA")
+                ref_id = len(refs)
+                refs.append({"ref_id": ref_id, "ann_id": ann_id, "image_id": r["image_id"], "split": ref_split,
+                             "sentences": [{"sent": text, "raw": text}], "file_name": r["image"]})
+                files[split].append({"image": r["image"], "text": text, "ref_id": ref_id})
+                counts[split] += 1
+    for split, items in files.items():
+        with open(os.path.join(out, f"refcoco+_{split}.json"), "w") as f:
+            json.dump(items, f)
+    with open(os.path.join(out, "refcoco+", "refs(unc).p"), "wb") as f:
+        pickle.dump(refs, f, protocol=2)   # REFER's own files are protocol-2 pickles of plain containers
+    with open(os.path.join(out, "refcoco+", "instances.json"), "w") as f:
+        json.dump({"images": images, "annotations": anns}, f)
+    with open(os.path.join(out, "refcoco+", "dets.json"), "w") as f:
+        json.dump(dets, f)
     return counts
 
 

@@ -15,9 +15,11 @@ def normalize():
 
 
 def train_transform(image_res, scale=(0.2, 1.0), randaugment=True):
-    """ALBEF's pretrain transform (scale 0.2-1.0); fine-tuning uses scale (0.5, 1.0)."""
-    ops = [transforms.RandomResizedCrop(image_res, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC),
-           transforms.RandomHorizontalFlip()]
+    """ALBEF's pretrain transform (scale 0.2-1.0); fine-tuning uses scale (0.5, 1.0); ``scale=None`` resizes
+    the whole image instead of cropping (grounding: the expression may name any part of it)."""
+    resize = (transforms.Resize((image_res, image_res), interpolation=InterpolationMode.BICUBIC) if scale is None
+              else transforms.RandomResizedCrop(image_res, scale=tuple(scale), interpolation=InterpolationMode.BICUBIC))
+    ops = [resize, transforms.RandomHorizontalFlip()]
     if randaugment:
         ops.append(RandomAugment(2, 7, isPIL=True, augs=RANDAUG_OPS))
     ops += [transforms.ToTensor(), normalize()]

@@ -128,11 +128,12 @@ class ALBEFBase(MomentumMixin, nn.Module):
         feat = F.normalize(proj(embeds[:, 0]).float(), dim=-1)
         return (embeds, feat, out[1]) if hidden else (embeds, feat)
 
-    def image_tokens(self, image, concepts=None, momentum=False, hidden=False):
+    def image_tokens(self, image, concepts=None, momentum=False, hidden=False, register_blk=-1):
         """The ViT's token states (with the visual concepts appended when the model uses them); with
-        ``hidden`` also every block's output through the final norm."""
+        ``hidden`` also every block's output through the final norm; ``register_blk`` keeps that block's
+        attention for Grad-CAM."""
         enc = self.visual_encoder_m if momentum else self.visual_encoder
-        kw = {}
+        kw = {"register_blk": register_blk} if register_blk >= 0 else {}
         if getattr(self, "use_concepts", False):
             if concepts is None:
                 raise ValueError("config key 'kw_img_model' is true but the batch has no visual concepts: the "
