@@ -103,6 +103,9 @@ GROUPS = {
                                   "(the official script does so only when they disagree)"),
         "refcoco_data": K("path", None, "Grounding: RefCOCO+ folder"),
         "det_file": K("path", None, "Grounding: detections"),
+        "refs_file": K("path", None, "Grounding: refs as one JSON (python -m dataset.grounding_dataset); "
+                       "read instead of refcoco_data's pickle"),
+        "grounding_pictures": K("int", 8, "Grounding: PNGs of the first N expressions of each evaluation", lo=0),
         "coco_file": K("path", None, "Grounding: COCO annotations"),
         "max_words": K("int", 30, "words kept per caption", lo=1),
         "max_tokens": K("int", None, "token limit of training captions (pretraining: 25; retrieval: no "
@@ -183,6 +186,7 @@ TASK_DEFAULTS = {
     "pretrain_nlvr": {"max_tokens": 25},
     "nlvr": {"train_crop_scale": [0.5, 1.0], "eval_every": 1},
     "ve": {"train_crop_scale": [0.5, 1.0], "warm_up": False, "eval_every": 1},
+    "grounding": {"eval_every": 1},
 }
 TASK_REQUIRED = {
     "pretrain": ("train_file", "batch_size", "optimizer", "schedular"),
@@ -191,6 +195,7 @@ TASK_REQUIRED = {
     "pretrain_nlvr": ("train_file", "batch_size", "optimizer", "schedular"),
     "nlvr": ("optimizer", "schedular"),
     "ve": ("optimizer", "schedular"),
+    "grounding": ("optimizer", "schedular", "test_file", "det_file"),
 }
 
 
