@@ -276,12 +276,9 @@ def results(out):
 
 
 def test_pretrain_nlvr_trains_under_two_gloo_ranks(tiny_world, tmp_path):
-    from models import MODELS
-    from test_engine import load, run, write_config
+    from test_engine import load, pretrain_checkpoint, run, write_config
+    ckpt = pretrain_checkpoint(tiny_world, tmp_path)
     pre = json.load(open(write_config(tiny_world, str(tmp_path / "pre.yaml"))))
-    torch.manual_seed(0)
-    ckpt = str(tmp_path / "pretrain.pth")
-    torch.save({"model": MODELS["pretrain"](pre).state_dict()}, ckpt)
     cfg = dict(pre, max_steps=5, ckpt_every_steps=0)
     cfg["schedular"]["epochs"] = 1
     config = write(tmp_path / "ta.yaml", cfg)

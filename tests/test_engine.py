@@ -33,6 +33,16 @@ def write_config(world, path, **extra):
     return path
 
 
+def pretrain_checkpoint(world, tmp_path, seed=0):
+    """A randomly initialised tiny pretraining checkpoint (ALBEF's layout) for the finetuning launchers."""
+    from models import MODELS
+    pre = json.load(open(write_config(world, str(tmp_path / "pre.yaml"))))
+    torch.manual_seed(seed)
+    ckpt = str(tmp_path / "pretrain.pth")
+    torch.save({"model": MODELS["pretrain"](pre).state_dict()}, ckpt)
+    return ckpt
+
+
 def pretrain_cmd(config, out, *extra):
     return [PY, os.path.join(ROOT, "Pretrain.py"), "--config", config, "--output_dir", out, "--device", "cpu", *extra]
 

@@ -134,11 +134,8 @@ def vqa_config(world, path, **extra):
 
 def test_vqa_py_finetunes_evaluates_and_reevaluates_the_same(tiny_world, tmp_path):
     from models import MODELS
-    from test_engine import load, run, write_config
-    pre = json.load(open(write_config(tiny_world, str(tmp_path / "pre.yaml"))))
-    torch.manual_seed(0)
-    ckpt = str(tmp_path / "pretrain.pth")
-    torch.save({"model": MODELS["pretrain"](pre).state_dict()}, ckpt)
+    from test_engine import load, pretrain_checkpoint, run
+    ckpt = pretrain_checkpoint(tiny_world, tmp_path)
     config = vqa_config(tiny_world, str(tmp_path / "vqa.yaml"))
     out = str(tmp_path / "vqa")
     r = run([sys.executable, os.path.join(ROOT, "VQA.py"), "--config", config, "--checkpoint", ckpt,
