@@ -10,7 +10,7 @@ from models import objectives
 from models.checkpoint import init_text_encoder, init_visual_encoder
 from models.momentum import MomentumMixin
 from models.vit import build_vit
-from models.xbert import BertConfig, BertForMaskedLM, BertLMHeadModel, BertModel
+from models.xbert import BertConfig, BertForMaskedLM, BertLMHeadModel, BertModel, SharedImageKV
 from schema import value
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +39,14 @@ def bert_config_from(config, **overrides):
 
 
 class ALBEFBase(MomentumMixin, nn.Module):
-    """Common construction. ``text_encoder`` is an MLM model (``.bert``) or a plain BertModel."""
+    """Common construction. ``text_encoder`` is an MLM model (``.bert``) or a plain BertModel.
+
+    ``exact_savings`` (on): the fusion passes of a step share the image K/V projections and the MLM heads run
+    at the masked positions only; off is the plain path the tests and ``benchmarks/pretrain_step.py`` compare
+    against (same losses and gradients to float rounding).
+    """
+
+    exact_savings = True
 
     def build_encoders(self, config, text_cls=BertModel, bert_overrides=None, image_res=None):
         self.config = config
@@ -221,6 +228,14 @@ class ALBEFBase(MomentumMixin, nn.Module):
         targets = objectives.itc_targets(None, positives.float(), 0)
         return self.in_batch_itc_loss(sim_i2t, sim_t2i, targets, targets.t()), sim_i2t, sim_t2i
 
+    def shared_kv(self, image_embeds):
+        """``image_embeds`` as a ``SharedImageKV`` (the fusion passes of one step share its K/V projections),
+        except under activation checkpointing, whose recomputation must recompute them too."""
+        if isinstance(image_embeds, SharedImageKV) or self.bert_config.gradient_checkpointing or \
+                not self.exact_savings:
+            return image_embeds
+        return SharedImageKV(image_embeds)
+
     def itm(self, text_embeds, text_atts, image_embeds, sim_i2t, sim_t2i, positives, hard=None, image_atts=None):
         """ITM on bs positives + bs (text, hard image) + bs (hard text, image) pairs.
 
@@ -246,9 +261,10 @@ class ALBEFBase(MomentumMixin, nn.Module):
         bs = text_embeds.shape[0]
         if image_atts is None:
             image_atts = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
+        image_embeds = self.shared_kv(image_embeds)
         text_all = torch.cat([text_embeds, text_embeds[neg_txt]], dim=0)
         atts_all = torch.cat([text_atts, text_atts[neg_txt]], dim=0)
-        image_all = torch.cat([image_embeds[neg_img], image_embeds], dim=0)
+        image_all = image_embeds[torch.cat([neg_img, torch.arange(bs, device=neg_img.device)])]
         cls_pos = self.fuse(text_embeds, text_atts, image_embeds, image_atts)
         cls_neg = self.fuse(text_all, atts_all, image_all, torch.cat([image_atts[neg_img], image_atts], dim=0))
         logits = self.itm_head(torch.cat([cls_pos, cls_neg], dim=0))

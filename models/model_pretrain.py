@@ -79,6 +79,7 @@ class ALBEF(ALBEFBase):
                     concepts=None):
         bs = image.shape[0]
         image_atts = self.image_atts(image_embeds, concepts)
+        image_embeds = self.shared_kv(image_embeds)   # one K/V projection per fusion layer for ITM and MLM
         if not self.use_momentum and self._discriminator:
             return self.forward_mafa(image, input_ids, attention_mask, image_embeds, image_feat, text_embeds,
                                      text_feat, image_atts)
@@ -129,7 +130,7 @@ class ALBEF(ALBEFBase):
         extra_img = torch.cat([rows[conn_i2t], ecm["m1"][conn_t2i]])
         loss_mlm = self.mlm(torch.cat([input_ids, input_ids[extra_txt]]),
                             torch.cat([attention_mask, attention_mask[extra_txt]]),
-                            torch.cat([image_embeds, image_embeds[extra_img]]), None, 0.0,
+                            image_embeds[torch.cat([rows, extra_img])], None, 0.0,
                             torch.cat([image_atts, image_atts[extra_img]]))
         counts = {"count_" + k: v for k, v in ecm_lib.ecm_counts(ecm).items()}
         return {"loss_mlm": loss_mlm, "loss_ita": loss_ita, "loss_itm": loss_itm,
@@ -139,16 +140,21 @@ class ALBEF(ALBEFBase):
         ids, labels = objectives.mask_tokens(input_ids, self.bert_config.vocab_size, self.mlm_probability,
                                              self.special_ids["mask"], self.special_ids["pad"],
                                              self.special_ids["cls"])
+        # the MLM heads run at the masked positions only (the released checkpoints' sequence-axis distillation
+        # needs them all); finding the positions is the step's one host sync, before the MLM passes start
+        full = self.distill_dim == 1 or not self.exact_savings
+        positions = None if full else (labels != -100).nonzero(as_tuple=True)
         soft = None
         if self.distill and alpha > 0:
             with torch.no_grad():
                 logits_m = self.text_encoder_m(ids, attention_mask=attention_mask,
                                                encoder_hidden_states=image_embeds_m,
-                                               encoder_attention_mask=image_atts, return_logits=True)
+                                               encoder_attention_mask=image_atts, return_logits=True,
+                                               positions=positions)
                 soft = F.softmax(logits_m.float(), dim=-1)
         out = self.text_encoder(ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
                                 encoder_attention_mask=image_atts, labels=labels, soft_labels=soft, alpha=alpha,
-                                distill_dim=self.distill_dim)
+                                distill_dim=self.distill_dim, positions=positions, full_head=full)
         return out.loss
 
 

@@ -124,6 +124,40 @@ class BertEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(x))
 
 
+class SharedImageKV:
+    """The image tokens of one step, standing in for ``encoder_hidden_states``: each cross-attention layer
+    projects them to keys and values once, and every fusion pass of the step (ITM positives, ITM negatives,
+    MLM) reads those, a pass over other rows by index (``kv[rows]``). Exact: the projection is per token, and
+    autograd sums the gradients of all passes into the one projection."""
+
+    def __init__(self, states, rows=None, cache=None):
+        self.states, self.rows = states, rows
+        self.cache = {} if cache is None else cache
+
+    def __getitem__(self, rows):
+        return SharedImageKV(self.states, rows if self.rows is None else self.rows[rows], self.cache)
+
+    @property
+    def shape(self):
+        n = self.states.shape[0] if self.rows is None else self.rows.shape[0]
+        return torch.Size((n, *self.states.shape[1:]))
+
+    @property
+    def device(self):
+        return self.states.device
+
+    @property
+    def dtype(self):
+        return self.states.dtype
+
+    def kv(self, attn):
+        """(keys, values) of these rows through ``attn``'s projections, computed once per module."""
+        kv = self.cache.get(attn)
+        if kv is None:
+            kv = self.cache[attn] = (attn.key(self.states), attn.value(self.states))
+        return kv if self.rows is None else (kv[0][self.rows], kv[1][self.rows])
+
+
 class BertSelfAttention(nn.Module):
     def __init__(self, config, is_cross_attention=False):
         super().__init__()
@@ -160,7 +194,9 @@ class BertSelfAttention(nn.Module):
                 output_attentions=False):
         """`attention_mask` is additive, broadcastable to [B, heads, Lq, Lk]."""
         q = self._heads(self.query(hidden_states))
-        if self.is_cross_attention:
+        if isinstance(encoder_hidden_states, SharedImageKV):
+            k, v = (self._heads(t) for t in encoder_hidden_states.kv(self))
+        elif self.is_cross_attention:
             k = self._heads(self.key(encoder_hidden_states))
             v = self._heads(self.value(encoder_hidden_states))
         else:
@@ -443,15 +479,23 @@ class BertForMaskedLM(_BertWithHead):
 
     def forward(self, input_ids=None, attention_mask=None, encoder_embeds=None, encoder_hidden_states=None,
                 encoder_attention_mask=None, labels=None, mode="multi_modal", soft_labels=None, alpha=0.0,
-                return_logits=False, distill_dim=-1, **kw):
+                return_logits=False, distill_dim=-1, positions=None, full_head=False, **kw):
+        """With ``labels`` the head (768 x vocab) runs at the masked positions only: the loss reads nothing
+        else, and ``logits`` are then those rows [N, vocab] in row-major order. ``positions`` (index tensors,
+        e.g. ``(labels != -100).nonzero(as_tuple=True)``) gives them without another host sync; with
+        ``return_logits`` it limits the returned logits to them. ``distill_dim=1`` (ALBEF's old
+        sequence-axis softmax) needs every position and keeps the full head, as does ``full_head`` (the
+        reference path of the tests and the benchmark)."""
         out = self.bert(input_ids=input_ids, attention_mask=attention_mask, encoder_embeds=encoder_embeds,
                         encoder_hidden_states=encoder_hidden_states,
                         encoder_attention_mask=encoder_attention_mask, mode=mode, **kw)
-        scores = self.cls(out.last_hidden_state)
+        h = out.last_hidden_state
         if return_logits:
-            return scores
-        loss = None
-        if labels is not None:
+            return self.cls(h if positions is None else h[positions])
+        if labels is None:
+            return Output(loss=None, logits=self.cls(h), last_hidden_state=h)
+        if distill_dim == 1 or full_head:
+            scores = self.cls(h)
             sel = labels != -100
             n = sel.sum().clamp(min=1)   # a batch with nothing masked gives 0, not NaN
             ce = F.cross_entropy(scores.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
@@ -459,9 +503,18 @@ class BertForMaskedLM(_BertWithHead):
             loss = ce
             if soft_labels is not None:
                 distill = soft_cross_entropy(scores.float(), soft_labels.float(), dim=distill_dim)
-                distill = (distill * sel).sum() / n
-                loss = (1 - alpha) * ce + alpha * distill
-        return Output(loss=loss, logits=scores, last_hidden_state=out.last_hidden_state)
+                loss = (1 - alpha) * ce + alpha * (distill * sel).sum() / n
+            return Output(loss=loss, logits=scores, last_hidden_state=h)
+        if positions is None:
+            positions = (labels != -100).nonzero(as_tuple=True)
+        scores = self.cls(h[positions])
+        n = max(int(positions[0].shape[0]), 1)   # a batch with nothing masked gives 0, not NaN
+        loss = F.cross_entropy(scores.float(), labels[positions], reduction="sum") / n
+        if soft_labels is not None:
+            soft = soft_labels[positions] if soft_labels.dim() == 3 else soft_labels   # full or masked rows
+            distill = soft_cross_entropy(scores.float(), soft.float()).sum() / n
+            loss = (1 - alpha) * loss + alpha * distill
+        return Output(loss=loss, logits=scores, last_hidden_state=h)
 
 
 class BertLMHeadModel(_BertWithHead):

@@ -134,8 +134,9 @@ def test_mlm_loss_with_soft_labels_is_the_alpha_mix():
     labels[1, 2], labels[2, 3], labels[0, 1] = 7, 9, 11
     soft = torch.softmax(torch.randn(*ids.shape, 120), -1)
     out = m(ids, attention_mask=att, encoder_hidden_states=img, labels=labels, soft_labels=soft, alpha=0.3)
-    logits = out.logits
+    logits = m(ids, attention_mask=att, encoder_hidden_states=img, return_logits=True)   # every position
     sel = labels != -100
+    assert torch.allclose(out.logits, logits[sel], atol=1e-6)   # the head ran at the masked rows only
     ce = F.cross_entropy(logits[sel], labels[sel])
     distill = -(soft[sel] * F.log_softmax(logits[sel], -1)).sum(-1).mean()
     assert torch.allclose(out.loss, 0.7 * ce + 0.3 * distill, atol=1e-5)
