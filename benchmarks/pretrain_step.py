@@ -41,9 +41,12 @@ GRIT = {"use_momentum": False, "distill": False, "itc_consistency_weight": 0.2, 
         "mlm_probability": 0.5}
 
 
-def measure(cfg, batch, device, attn, precision, steps, warmup, with_filter=None, counts=None):
+def measure(cfg, batch, device, attn, precision, steps, warmup, with_filter=None, counts=None, savings=True,
+            flops=None):
+    """(samples/s, peak memory GiB); with ``flops`` (a list) also appends the FLOPs of one step per sample."""
     torch.manual_seed(0)
     model = ALBEF({**cfg, "attn_implementation": attn}).to(device).train()
+    model.exact_savings = savings
     if with_filter:   # a frozen retrieval model of the same size; with_filter: (low, high) thresholds
         filt = RetrievalModel({**cfg, "attn_implementation": attn, "use_momentum": False, "distill": False})
         model.set_discriminator(ConnectionDiscriminator(filt, *with_filter).to(device))
@@ -77,9 +80,46 @@ def measure(cfg, batch, device, attn, precision, steps, warmup, with_filter=None
                 if k.startswith("count_"):
                     counts.setdefault(k[len("count_"):], []).append(int(v))
     sec = median_step_time(step, steps, warmup, device, after=count)
+    if flops is not None:   # counted on one more step, outside the timing
+        from torch.utils.flop_counter import FlopCounterMode
+        with FlopCounterMode(display=False) as fc:
+            step()
+        flops.append(fc.get_total_flops() / batch)
     peak = (torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
     return batch / sec, peak
+
+
+PEAK_TFLOPS = {"A100": {"fp32": 19.5, "bf16": 312.0}, "H100": {"fp32": 67.0, "bf16": 989.0},
+               "H200": {"fp32": 67.0, "bf16": 989.0}}   # dense, SXM
+
+
+def peak_tflops(a, device, precision):
+    if a.peak_tflops:
+        return a.peak_tflops
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peaks in PEAK_TFLOPS.items():
+            if key in name:
+                return peaks[precision]
+    return None
+
+
+def compare_savings(a, cfg, device):
+    """Today's plain step against the exact savings (shared image K/V, MLM heads at masked positions), with
+    the FLOPs per sample from torch.utils.flop_counter, achieved TFLOP/s and MFU where a peak is known."""
+    prec = "bf16" if device.type == "cuda" else "fp32"
+    print(f"ALBEF pretraining step, size={a.size}, batch={a.batch}, device={device}, {prec}, torch {torch.__version__}")
+    base = None
+    for name, savings in (("plain (the path before the savings)", False), ("exact savings (default)", True)):
+        flops = []
+        sps, peak = measure(cfg, a.batch, device, "sdpa", prec, a.steps, a.warmup, savings=savings, flops=flops)
+        base = base or sps
+        achieved = flops[0] * sps / 1e12
+        pk = peak_tflops(a, device, prec)
+        mfu = f"  MFU {100 * achieved / pk:.1f}% of {pk:g}" if pk else ""
+        print(f"{name:38s} {sps:8.2f} samples/s  {sps / base:5.3f}x  {flops[0] / 1e9:7.1f} GFLOP/sample  "
+              f"{achieved:6.3f} TFLOP/s{mfu}")
 
 
 def main():
@@ -89,10 +129,15 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--compare", choices=["precision", "mafa", "vicha"], default="precision")
+    p.add_argument("--compare", choices=["precision", "mafa", "vicha", "savings"], default="precision")
+    p.add_argument("--peak_tflops", type=float, default=None,
+                   help="the device's peak TFLOP/s for MFU (default: known CUDA GPUs, none on CPU)")
     a = p.parse_args()
     device = torch.device(a.device)
     cfg = config_for(a.size)
+    if a.compare == "savings":
+        compare_savings(a, cfg, device)
+        return
     if a.compare == "vicha":
         prec = "bf16" if device.type == "cuda" else "fp32"
         n = 5 if a.size == "base" else 1   # the demo BERT has 2 text layers
