@@ -125,6 +125,7 @@ GROUPS = {
         "eval_ema": K("bool", False, "unused (kept for old configs)"),
         "precision": K("str", "auto", "auto (bf16 on CUDA), fp32 or bf16", choices=("auto", "fp32", "bf16")),
         "compile": K("bool", False, "torch.compile the model"),
+        "compile_backend": K("str", "inductor", "torch.compile backend (aot_eager: no code generation)"),
         "grad_accum_steps": K("int", 1, "micro-batches per optimizer step", lo=1),
         "clip_grad": K("float", None, "gradient norm clip", lo=0, open_lo=True),
         "loss_weights": K("dict", {}, "weights of named losses (loss_ita: 1.0, ...); 1 by default"),

@@ -184,7 +184,11 @@ class Trainer:
             model = DDP(model, device_ids=[env.local] if env.device.type == "cuda" else None,
                         broadcast_buffers=False)   # queues are identical on every rank; don't resend them
         self.ddp = model if isinstance(model, DDP) else None
-        return torch.compile(model) if value(cfg, "compile") else model
+        if not value(cfg, "compile"):
+            return model
+        # alpha goes in as a 0-d tensor (see _step), so its ramp over epoch 0 recompiles nothing; the graph
+        # break left in pretraining is the MLM's masked-position lookup (a data-dependent shape)
+        return torch.compile(model, backend=value(cfg, "compile_backend"))
 
     # ------------------------------------------------------------------ loop
     def fit(self, resume=None):
@@ -249,6 +253,9 @@ class Trainer:
         accumulation boundary, clip + optimizer step."""
         self.scheduler.step(epoch, i)
         alpha = self.alpha * min(1.0, i / self.n_iters) if (epoch == 0 and self.warm_up) else self.alpha
+        # a 0-d tensor, not a float: a compiled step would take a float as a constant (one graph per value), and
+        # eager and compiled runs then take the same branches (the teacher runs at alpha 0 too)
+        alpha = torch.tensor(alpha, dtype=torch.float32)
         batch = {k: (v.to(self.env.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
         boundary = (i + 1) % self.accum == 0 or i == self.n_iters - 1
         sync = self.ddp.no_sync() if (self.ddp is not None and not boundary) else contextlib.nullcontext()

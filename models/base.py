@@ -192,7 +192,7 @@ class ALBEFBase(MomentumMixin, nn.Module):
             sim_t2i = text_feat.float() @ image_feat_all / temp
             with torch.no_grad():
                 pos = positives.float()
-                if alpha > 0:
+                if torch.is_tensor(alpha) or alpha > 0:   # a tensor alpha (compiled steps) takes this branch
                     t_i2t = objectives.itc_targets(image_feat_m.float() @ text_feat_all / temp, pos, alpha)
                     t_t2i = objectives.itc_targets(text_feat_m.float() @ image_feat_all / temp, pos, alpha)
                 else:

@@ -145,7 +145,7 @@ class ALBEF(ALBEFBase):
         full = self.distill_dim == 1 or not self.exact_savings
         positions = None if full else (labels != -100).nonzero(as_tuple=True)
         soft = None
-        if self.distill and alpha > 0:
+        if self.distill and (torch.is_tensor(alpha) or alpha > 0):   # tensor alpha: no branch on its value
             with torch.no_grad():
                 logits_m = self.text_encoder_m(ids, attention_mask=attention_mask,
                                                encoder_hidden_states=image_embeds_m,

@@ -19,7 +19,7 @@ def soft_target_ce(logits, targets):
 def itc_targets(sim_m, positives, alpha):
     """Momentum-distilled targets: alpha * softmax(sim_m) + (1 - alpha) * positives / row sum."""
     hard = positives / positives.sum(1, keepdim=True)
-    if sim_m is None or alpha == 0:
+    if sim_m is None or (not torch.is_tensor(alpha) and alpha == 0):
         return hard
     return alpha * F.softmax(sim_m.float(), dim=1) + (1 - alpha) * hard
 
@@ -85,7 +85,9 @@ def mask_tokens(input_ids, vocab_size, mlm_probability, mask_token_id, pad_token
     replaced = bern(0.8) & masked
     input_ids[replaced] = mask_token_id
     randomized = bern(0.5) & masked & ~replaced
-    random_words = torch.randint(vocab_size, input_ids.shape, device=dev, generator=generator)
+    # = torch.randint(vocab_size, shape) (the same draws), written so that a compiled step traces it with a
+    # dynamic text length
+    random_words = torch.empty_like(input_ids).random_(0, vocab_size, generator=generator)
     input_ids = torch.where(randomized, random_words, input_ids)
     return input_ids, labels
 
