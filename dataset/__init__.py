@@ -100,6 +100,20 @@ def tokenize_concepts(tokenizer, strings, max_tokens=55):
     return t["input_ids"], t["attention_mask"]
 
 
+def eval_batch_size(config):
+    """The evaluation batch: ``batch_size_test``, else ALBEF NLVR's / grounding's one ``batch_size``."""
+    return int(config.get("batch_size_test") or config.get("batch_size") or value(config, "batch_size_test"))
+
+
+def shard_loader(dataset, config, collate_fn):
+    """This rank's contiguous share of an evaluation set (``utils.shard``: every item once over the ranks, no
+    padding), in order."""
+    from torch.utils.data import DataLoader, Subset
+    from utils import shard
+    return DataLoader(Subset(dataset, list(shard(len(dataset)))), batch_size=eval_batch_size(config), shuffle=False,
+                      num_workers=int(value(config, "num_workers")), collate_fn=collate_fn)
+
+
 def batch_concepts(batch):
     """The model's ``concepts`` argument from a collated batch (None without visual concepts)."""
     return (batch["kw_input_ids"], batch["kw_attention_mask"]) if "kw_input_ids" in batch else None

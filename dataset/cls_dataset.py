@@ -25,18 +25,15 @@ class ClsTask:
     classes: tuple          # class names by id
     labels: dict            # label value in the JSON -> class id
     images_field: str       # "images" (a list) or "image" (one id)
-    concept_fields: tuple   # ViCHA's per-image concept fields
-
-    @property
-    def n_images(self):
-        return len(self.concept_fields)
+    n_images: int
+    concept_fields: tuple   # ViCHA's concept field of each image
 
 
 TASKS = {
     "nlvr": ClsTask("nlvr", ("False", "True"), {"True": 1, "False": 0, True: 1, False: 0}, "images",
-                    ("kwords1", "kwords2")),
+                    2, ("kwords1", "kwords2")),
     "ve": ClsTask("ve", ("contradiction", "neutral", "entailment"), {"entailment": 2, "neutral": 1,
-                                                                     "contradiction": 0}, "image", ("kwords",)),
+                                                                     "contradiction": 0}, "image", 1, ("kwords",)),
 }
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 

@@ -12,20 +12,14 @@ import os
 from collections import Counter
 
 import torch
-from torch.utils.data import DataLoader, Subset
 
-from dataset import batch_concepts, create_dataset
+from dataset import batch_concepts, create_dataset, shard_loader
 from dataset.cls_dataset import TASKS, ClsCollate
 from engine.config import base_parser, parse_launcher
 from engine.logger import Results
 from engine.trainer import Trainer, autocast_context, build
 from schema import ConfigError, value
-from utils import all_reduce_sum, broadcast_object, is_main_process, save_result, shard
-
-
-def eval_batch_size(config):
-    """ALBEF's VE: ``batch_size_test``; NLVR: ``batch_size`` for every split."""
-    return int(config.get("batch_size_test") or config.get("batch_size") or value(config, "batch_size_test"))
+from utils import all_reduce_sum, is_main_process, save_result
 
 
 @torch.no_grad()
@@ -37,9 +31,7 @@ def predict(model, dataset, tokenizer, config, device, autocast=None):
     model.eval()
     n_cls = len(dataset.task.classes)
     confusion = torch.zeros(n_cls, n_cls, dtype=torch.float64, device=device)
-    loader = DataLoader(Subset(dataset, list(shard(len(dataset)))), batch_size=eval_batch_size(config),
-                        shuffle=False, num_workers=int(value(config, "num_workers")),
-                        collate_fn=ClsCollate(tokenizer, value(config, "vc_max_tokens")))
+    loader = shard_loader(dataset, config, ClsCollate(tokenizer, value(config, "vc_max_tokens")))
     rows, bad = [], 0
     for batch in loader:
         concepts = batch_concepts(batch)

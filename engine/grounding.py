@@ -23,15 +23,13 @@ import os
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
 
-from dataset import TextCollate, batch_concepts, create_dataset, tokenize_concepts
-from engine.classify import eval_batch_size
+from dataset import TextCollate, batch_concepts, create_dataset, shard_loader, tokenize_concepts
 from engine.config import base_parser, parse_launcher
 from engine.logger import Results
 from engine.trainer import Trainer, autocast_context, build
 from schema import ConfigError, value
-from utils import all_reduce_sum, save_result, shard
+from utils import all_reduce_sum, save_result
 
 SPLITS = ("val", "testA", "testB")
 
@@ -134,9 +132,7 @@ def evaluate(model, dataset, tokenizer, refs, dets, config, device, mode, block_
     was_training = model.training
     model.eval()
     grid = grid_size(config)
-    loader = DataLoader(Subset(dataset, list(shard(len(dataset)))), batch_size=eval_batch_size(config),
-                        shuffle=False, num_workers=int(value(config, "num_workers")),
-                        collate_fn=grounding_collate(tokenizer, value(config, "vc_max_tokens")))
+    loader = shard_loader(dataset, config, grounding_collate(tokenizer, value(config, "vc_max_tokens")))
     # per split: correct, expressions, without proposals
     counts = torch.zeros(len(SPLITS), 3, dtype=torch.float64)
     rows, shown = [], []

@@ -6,12 +6,11 @@ import json
 import os
 
 import torch
-from torch.utils.data import DataLoader, Subset
 
-from dataset import batch_concepts
+from dataset import batch_concepts, shard_loader
 from dataset.vqa_dataset import VQACollate, read_answer_list
 from schema import value
-from utils import all_reduce_sum, broadcast_object, is_main_process, save_result, shard, vqa_score
+from utils import all_reduce_sum, broadcast_object, is_main_process, save_result, vqa_score
 
 
 def tokenize_answer_list(answer_list, tokenizer, eos, device):
@@ -27,10 +26,8 @@ def predict(model, dataset, answer_list, tokenizer, config, device, autocast=Non
     was_training = model.training
     model.eval()
     a_ids, a_mask = tokenize_answer_list(answer_list, tokenizer, value(config, "eos"), device)
-    part = Subset(dataset, list(shard(len(dataset))))
-    loader = DataLoader(part, batch_size=int(value(config, "batch_size_test")), shuffle=False,
-                        num_workers=int(value(config, "num_workers")),
-                        collate_fn=VQACollate(tokenizer, train=False, vc_max_tokens=value(config, "vc_max_tokens")))
+    loader = shard_loader(dataset, config, VQACollate(tokenizer, train=False,
+                                                      vc_max_tokens=value(config, "vc_max_tokens")))
     results, bad = [], 0
     k = int(value(config, "k_test"))
     for batch in loader:

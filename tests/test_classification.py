@@ -293,7 +293,6 @@ def test_pretrain_nlvr_trains_under_two_gloo_ranks(tiny_world, tmp_path):
     assert "text_encoder.encoder.layer.2.crossattention.self.key.weight" in sd   # 1 + 2 * 1 layers: fusion 1
     pre_sd = load(ckpt)["model"]
     assert torch.equal(sd["vision_proj.weight"], pre_sd["vision_proj.weight"])   # frozen: never trained
-    assert "find_unused_parameters" not in r.stderr
 
 
 @pytest.mark.parametrize("task", ["nlvr", "ve"])
