@@ -114,6 +114,11 @@ GROUPS = {
         "train_crop_scale": K("list", [0.2, 1.0], "RandomResizedCrop scale (retrieval: [0.5, 1.0])"),
         "randaugment": K("bool", True, "ALBEF's RandomAugment in training"),
         "num_workers": K("int", 4, "data loader workers per rank (training and evaluation)", lo=0),
+        "prefetch_factor": K("int", 4, "training batches each loader worker prepares ahead", lo=1),
+        "pin_memory": K("bool", None, "page-locked training batches (default: on with CUDA)"),
+        "persistent_workers": K("bool", True, "keep the training loader's workers across epochs"),
+        "uint8_images": K("bool", True, "training images leave the workers as uint8 and are normalised on the "
+                          "device (exact; a quarter of the bytes to copy and pin)"),
         "max_bad_image_fraction": K("float", 0.05, "stop when more of the images read are unreadable", lo=0, hi=1),
         "load_truncated_images": K("bool", True, "decode truncated JPEGs as ALBEF does (false: count them bad)"),
     },

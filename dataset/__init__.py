@@ -19,6 +19,10 @@ def concept_options(config, train=True):
             "sep_token": bool(value(config, "sep_token"))}
 
 
+def _train_tf(config, res, scale):
+    return train_transform(res, scale, value(config, "randaugment"), uint8=bool(value(config, "uint8_images")))
+
+
 def create_dataset(name, config, seed=0):
     res = value(config, "image_res")
     root = value(config, "image_root")
@@ -28,7 +32,7 @@ def create_dataset(name, config, seed=0):
         task = "pretrain" if name == "pretrain" else "retrieval"
         if value(config, "train_file") is None:
             raise ValueError("missing required config key 'train_file'")
-        tf = train_transform(res, value(config, "train_crop_scale", task), value(config, "randaugment"))
+        tf = _train_tf(config, res, value(config, "train_crop_scale", task))
         if name == "pretrain":
             return pretrain_dataset(config["train_file"], tf, value(config, "max_words"), image_root=root, seed=seed,
                                     **common)
@@ -37,7 +41,7 @@ def create_dataset(name, config, seed=0):
         from dataset.vqa_dataset import vqa_dataset
         key = {"vqa_train": "train_file", "vqa_val": "val_file", "vqa_test": "test_file"}[name]
         train = name == "vqa_train"
-        tf = train_transform(res, value(config, "train_crop_scale", "vqa"), value(config, "randaugment")) if train \
+        tf = _train_tf(config, res, value(config, "train_crop_scale", "vqa")) if train \
             else test_transform(res)
         common["concepts"] = concept_options(config, train=train)
         # ALBEF: training questions keep 30 words, evaluation questions 50
@@ -49,7 +53,7 @@ def create_dataset(name, config, seed=0):
         task, split = name.split("_", 1)
         key = {"train": "train_file", "val": "val_file", "test": "test_file"}[split]
         train = split == "train"
-        tf = train_transform(res, value(config, "train_crop_scale", task), value(config, "randaugment")) if train \
+        tf = _train_tf(config, res, value(config, "train_crop_scale", task)) if train \
             else test_transform(res)
         common["concepts"] = concept_options(config, train=train)
         return cls_dataset(config[key], tf, root, task, value(config, "max_words"), train=train, seed=seed,
@@ -58,7 +62,7 @@ def create_dataset(name, config, seed=0):
         from dataset.grounding_dataset import grounding_dataset
         train = name == "grounding_train"
         key = "train_file" if train else "test_file"
-        tf = train_transform(res, None, value(config, "randaugment")) if train else test_transform(res)
+        tf = _train_tf(config, res, None) if train else test_transform(res)
         return grounding_dataset(config[key], tf, root, value(config, "max_words"), mode="train" if train else "test",
                                  seed=seed, config_key=key, truncated_ok=common["truncated_ok"], image_res=res,
                                  concepts=concept_options(config, train=train))

@@ -41,3 +41,34 @@ class ResumableDistributedSampler(Sampler):
 
     def __len__(self):
         return (self.num_batches - self.start_batch) * self.batch_size
+
+
+class EpochTagged(Sampler):
+    """Yields ``(epoch, index)`` from ``sampler``: a persistent loader worker's copy of the dataset never sees
+    ``set_epoch``, so the epoch (which seeds every sample's augmentation) travels with the index."""
+
+    def __init__(self, sampler):
+        self.sampler, self.epoch = sampler, 0
+
+    def __iter__(self):
+        epoch = self.epoch
+        return ((epoch, i) for i in self.sampler)
+
+    def __len__(self):
+        return len(self.sampler)
+
+
+class EpochTaggedDataset(torch.utils.data.Dataset):
+    """Reads ``EpochTagged``'s items: sets the dataset's epoch (where it has one), then reads the index."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        epoch, index = item
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        return self.dataset[index]

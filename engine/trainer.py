@@ -19,6 +19,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
+from dataset.transforms import normalize_uint8
 from engine import checkpointing as ckpt_io
 from engine.components import BadImageError, BadImages, HardnessStats, StepCounts  # noqa: F401 - re-exported
 from engine.config import dump_config
@@ -144,6 +145,7 @@ class Trainer:
         self.components = {**default_components(config), **(components or {})}
         # a component's own sampler (GRIT's grouped order) comes with it; else the resumable random one
         self.sampler = sampler
+        self._persistent = None   # the training loader, when its workers persist across epochs
 
     # ------------------------------------------------------------------ setup
     def _prepare_output(self):
@@ -207,6 +209,7 @@ class Trainer:
             if stopped_at is not None:
                 break
         self.run_log.close()
+        self._persistent = None   # its workers exit
         return self.last_record
 
     def _train_epoch(self, model, epoch, first):
@@ -221,10 +224,7 @@ class Trainer:
                 obj.set_epoch(epoch)
         for c in self.components.values():
             c.on_epoch_start(epoch, resumed)
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
-                            num_workers=int(value(self.config, "num_workers")), collate_fn=self.collate_fn,
-                            pin_memory=env.device.type == "cuda", drop_last=True,
-                            generator=torch.Generator().manual_seed(self.args.seed + epoch))
+        loader = self._loader(epoch)
         model.train()
         stopped_at = None
         for i, batch in enumerate(loader, start=first):
@@ -248,6 +248,31 @@ class Trainer:
                       samples_per_second=round(progress.done * self.batch_size * env.world / elapsed, 2))
         return record, stopped_at
 
+    def _loader(self, epoch):
+        """The training loader. Samples are seeded by (seed, epoch, index), never by a worker's RNG, so workers
+        kept across epochs (``persistent_workers``) give the same batches as fresh ones: they get the epoch
+        with every index."""
+        from dataset.sampler import EpochTagged, EpochTaggedDataset
+        cfg, workers = self.config, int(value(self.config, "num_workers"))
+        persistent = workers > 0 and bool(value(cfg, "persistent_workers"))
+        if persistent and self._persistent is not None:
+            self._persistent.sampler.epoch = epoch
+            return self._persistent
+        pin = value(cfg, "pin_memory")
+        dataset, sampler = self.dataset, self.sampler
+        if persistent:
+            dataset, sampler = EpochTaggedDataset(dataset), EpochTagged(sampler)
+            sampler.epoch = epoch
+        loader = DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=workers,
+                            collate_fn=self.collate_fn, drop_last=True,
+                            pin_memory=self.env.device.type == "cuda" if pin is None else bool(pin),
+                            prefetch_factor=int(value(cfg, "prefetch_factor")) if workers else None,
+                            persistent_workers=persistent,
+                            generator=torch.Generator().manual_seed(self.args.seed + epoch))
+        if persistent:
+            self._persistent = loader
+        return loader
+
     def _step(self, model, batch, epoch, i):
         """Forward, backward (without the gradient all-reduce on accumulation micro-batches) and, on an
         accumulation boundary, clip + optimizer step."""
@@ -257,6 +282,8 @@ class Trainer:
         # eager and compiled runs then take the same branches (the teacher runs at alpha 0 too)
         alpha = torch.tensor(alpha, dtype=torch.float32)
         batch = {k: (v.to(self.env.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        if batch.get("image") is not None and batch["image"].dtype == torch.uint8:   # uint8_images
+            batch["image"] = normalize_uint8(batch["image"])
         boundary = (i + 1) % self.accum == 0 or i == self.n_iters - 1
         sync = self.ddp.no_sync() if (self.ddp is not None and not boundary) else contextlib.nullcontext()
         with sync:

@@ -95,8 +95,10 @@ class ALBEF(ALBEFBase):
             self._momentum_update()
             image_embeds_m, image_feat_m = self.encode_image(image, momentum=True, concepts=concepts)
             _, text_feat_m = self.encode_text(input_ids, attention_mask, momentum=True)
-        positives = torch.zeros(bs, bs + self.image_queue.shape[1], dtype=torch.bool, device=image.device)
-        positives[:, :bs] = torch.eye(bs, dtype=torch.bool, device=image.device)
+        # one comparison, not an eye written into zeros: inductor's CPU code for that padded bool mask fails to
+        # build (torch 2.14)
+        positives = (torch.arange(bs + self.image_queue.shape[1], device=image.device)[None, :] ==
+                     torch.arange(bs, device=image.device)[:, None])
         loss_ita, sim_i2t, sim_t2i = self.itc(image_feat, text_feat, image_feat_m, text_feat_m, positives,
                                               alpha if self.distill else 0.0)
         dequeue_and_enqueue(self, image_feat_m, text_feat_m)

@@ -86,8 +86,9 @@ def mask_tokens(input_ids, vocab_size, mlm_probability, mask_token_id, pad_token
     input_ids[replaced] = mask_token_id
     randomized = bern(0.5) & masked & ~replaced
     # = torch.randint(vocab_size, shape) (the same draws), written so that a compiled step traces it with a
-    # dynamic text length
-    random_words = torch.empty_like(input_ids).random_(0, vocab_size, generator=generator)
+    # dynamic text length and no graph break (Tensor.random_ breaks; randint_like takes no generator before 2.6)
+    random_words = (torch.randint_like(input_ids, 0, vocab_size) if generator is None else
+                    torch.empty_like(input_ids).random_(0, vocab_size, generator=generator))
     input_ids = torch.where(randomized, random_words, input_ids)
     return input_ids, labels
 

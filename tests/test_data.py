@@ -1,5 +1,6 @@
 import json
 import os
+import random
 
 import numpy as np
 import pytest
@@ -219,3 +220,44 @@ def test_demo_world_is_deterministic_and_false_negatives_are_exact(tmp_path, tin
     assert matches({"mentions": [{"color": "red"}]}, scene)
     assert not matches({"mentions": [{"color": "red"}, {"color": "red"}]}, scene)   # objects are distinct
     assert not matches({"mentions": [{"color": "red"}], "count": 2}, scene)
+
+
+@pytest.mark.parametrize("randaugment", [True, False])
+def test_uint8_images_normalised_on_the_device_equal_the_float_transform_bitwise(randaugment):
+    img = Image.fromarray(np.random.RandomState(1).randint(0, 255, (50, 70, 3), dtype=np.uint8))
+    outs = []
+    for uint8 in (False, True):
+        torch.manual_seed(5), np.random.seed(5), random.seed(5)
+        outs.append(T.train_transform(32, randaugment=randaugment, uint8=uint8)(img))
+    assert outs[1].dtype == torch.uint8 and outs[1].shape == (3, 32, 32)
+    batch = torch.stack([outs[1], outs[1]])
+    assert torch.equal(T.normalize_uint8(batch), torch.stack([outs[0], outs[0]]))
+
+
+class _WhoReads(torch.utils.data.Dataset):
+    epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return torch.tensor([os.getpid(), self.epoch, i])
+
+
+def test_persistent_workers_get_each_epoch_with_its_indices():
+    from dataset.sampler import EpochTagged, EpochTaggedDataset, ResumableDistributedSampler
+    sampler = EpochTagged(ResumableDistributedSampler(8, 4, seed=0))
+    loader = torch.utils.data.DataLoader(EpochTaggedDataset(_WhoReads()), batch_size=4, sampler=sampler,
+                                         num_workers=2, persistent_workers=True)
+    seen = {}
+    for epoch in range(3):
+        sampler.epoch = epoch
+        sampler.sampler.set_epoch(epoch)
+        rows = torch.cat(list(loader))
+        seen[epoch] = rows
+        assert rows[:, 1].tolist() == [epoch] * 8   # the worker's copy read this epoch, not the one it forked with
+        assert rows[:, 2].tolist() == sampler.sampler.epoch_indices(epoch).tolist()
+    assert set(seen[0][:, 0].tolist()) == set(seen[2][:, 0].tolist())   # the same worker processes

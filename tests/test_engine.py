@@ -117,6 +117,19 @@ def test_sigkill_and_resume_ends_with_identical_weights(tiny_world, tmp_path, re
         assert log[-1].get(key) == ref_log[-1].get(key), key
 
 
+def test_loader_settings_change_no_weight(tiny_world, tmp_path):
+    """uint8 images normalised in the step, workers kept across epochs, pinned memory: the same weights as
+    float images read in the main process, bitwise, over two epochs."""
+    outs = {}
+    for name, extra in (("plain", dict(num_workers=0, uint8_images=False, persistent_workers=False)),
+                        ("gpu_settings", dict(num_workers=2, uint8_images=True, persistent_workers=True,
+                                              pin_memory=True, prefetch_factor=2))):
+        config = write_config(tiny_world, str(tmp_path / f"{name}.yaml"), ckpt_every_steps=0, **extra)
+        run(pretrain_cmd(config, str(tmp_path / name)))
+        outs[name] = load(os.path.join(tmp_path, name, "checkpoint_01.pth"))["model"]
+    assert [k for k in outs["plain"] if not torch.equal(outs["plain"][k], outs["gpu_settings"][k])] == []
+
+
 def checked_collectives(log_prefix, world):
     """The collectives each rank ran under ALBEF_CHECK_COLLECTIVES (every torch.distributed collective came
     through utils, or the run would have failed): (op, device type, bytes)."""

@@ -139,3 +139,25 @@ def test_pretrain_py_with_compile_logs_the_eager_losses(tiny_world, tmp_path):
         logs[name] = [json.loads(line) for line in open(os.path.join(out, "log.txt"))][-1]
     for k in ("train_loss_mlm", "train_loss_ita", "train_loss_itm"):
         assert logs["compiled"][k] == pytest.approx(logs["eager"][k], rel=1e-5), k
+
+
+@pytest.mark.parametrize("case", ["albef", "mafa"])
+def test_compiled_pretraining_breaks_its_graph_only_where_listed(case):
+    """The listed breaks (README): the MLM's masked-position lookup, and MAFA's MLM batch, whose size is the
+    number of connections found. Momentum EMA, the queue and the gathers trace."""
+    from models import MODELS
+    kind, cfg = CASES[case]
+    torch.manual_seed(0)
+    model = MODELS[kind](cfg)
+    if case == "mafa":
+        from models.ecm import ConnectionDiscriminator
+        model.set_discriminator(ConnectionDiscriminator(MODELS["retrieval"](config(use_momentum=False,
+                                                                                   distill=False)), 0.0, 0.0))
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(model)(torch.randn(8, 3, 32, 32), tiny_text(8, n=12), alpha=torch.tensor(0.4))
+    lines = {r.user_stack[-1].line.strip() for r in ex.break_reasons}
+    listed = {"positions = None if full else (labels != -100).nonzero(as_tuple=True)"}
+    if case == "mafa":
+        listed |= {'extra_txt = torch.cat([ecm["n1"][conn_i2t], rows[conn_t2i]])',
+                   'extra_img = torch.cat([rows[conn_i2t], ecm["m1"][conn_t2i]])'}
+    assert lines == listed, lines
