@@ -61,6 +61,10 @@ class VisionTransformer(_TimmViT):
         return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
 
     def forward(self, x, register_blk=-1, return_hidden=False, extra_tokens=None, extra_mask=None):
+        if x.dtype == torch.uint8:
+            raise TypeError("the ViT got uint8 images: the training datasets give uint8 with config key "
+                            "'uint8_images' (the engine normalises them on the device); outside the engine call "
+                            "dataset.transforms.normalize_uint8 first")
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.norm_pre(self.pos_drop(x + self.pos_embed[:, :x.shape[1]]))

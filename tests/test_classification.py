@@ -358,6 +358,8 @@ def test_vicha_concepts_flow_through_nlvr_ve_and_text_assignment(tmp_path, tiny_
                       train_file=write(tmp_path / "n.json", nlvr), train_crop_scale=[0.5, 1.0], randaugment=False)
     ds = create_dataset("nlvr_train", cfg)
     batch = ClsCollate(tok)([ds[i] for i in range(4)])
+    from dataset.transforms import normalize_uint8   # the engine's step does this on the device
+    batch["image"] = normalize_uint8(batch["image"])
     ids = batch["kw_input_ids"]
     assert ids.shape[0] == 8 and (ids[:4] == ids[0]).all() and (ids[4:] == ids[4]).all() and not torch.equal(ids[0], ids[4])
     torch.manual_seed(0)

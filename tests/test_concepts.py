@@ -259,7 +259,8 @@ def test_offline_pipeline_end_to_end_resumes_and_trains(tmp_path, tiny_world):
     ds = create_dataset("pretrain", cfg)
     batch = TextCollate(tok)([ds[i] for i in range(4)])
     model = MODELS["pretrain"](cfg, tok)
-    out = model(batch["image"], batch, concepts=(batch["kw_input_ids"], batch["kw_attention_mask"]))
+    from dataset.transforms import normalize_uint8   # the engine's step does this on the device
+    out = model(normalize_uint8(batch["image"]), batch, concepts=(batch["kw_input_ids"], batch["kw_attention_mask"]))
     assert torch.isfinite(out["loss_ita"] + out["loss_itm"] + out["loss_mlm"])
 
 
