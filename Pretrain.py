@@ -4,7 +4,7 @@ Runs as one process, or under ``torchrun`` / ``python -m torch.distributed.launc
 MAFA's own Pretrain.yaml work unchanged; MAFA's filter comes with MAFA's flags (``--filter_config``,
 ``--filter_checkpoint``, ``--low_threshold``, ``--high_threshold``) or the config's ``ecm`` group.
 """
-from dataset import TextCollate, batch_concepts, create_dataset
+from dataset import TextCollate, batch_concepts, batch_hard_negatives, create_dataset
 from dataset.grit import Grit, GroupedSampler
 from engine.config import base_parser, parse_launcher
 from engine.ecm_filter import build_discriminator
@@ -61,7 +61,8 @@ def main():
 
     def step(model, batch, alpha):
         text = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        return model(batch["image"], text, alpha=alpha, idx=batch["idx"], concepts=batch_concepts(batch))
+        return model(batch["image"], text, alpha=alpha, idx=batch["idx"], concepts=batch_concepts(batch),
+                     hard_negatives=batch_hard_negatives(batch))
 
     components, sampler = {}, None
     if config.get("grit"):

@@ -90,6 +90,26 @@ GROUPS = {
         "vc_sample_replacement": K("bool", False, "ViCHA's concept draw with duplicates"),
         "num_kws": K("int", None, "concepts kept per image", lo=1),
     },
+    "hard negatives (CE-CLIP)": {
+        "hn_itc": K("bool", False, "ITC with each sample's generated negative captions as extra i2t columns "
+                    "(target 0); reads 'hard_negatives' / 'hn_valid' from the annotations"),
+        "hn_scope": K("str", "global", "ITC-hn columns: every rank's negatives (CE-CLIP) or the sample's own",
+                      choices=("global", "own")),
+        "cmr_weight": K("float", 0.0, "CE-CLIP's cross-modal rank loss weight (CE-CLIP: 0.2; 0: off)", lo=0),
+        "cmr_threshold": K("str", "mean", "CMR margins: adaptive mean gap, max gap / 5, or fixed",
+                           choices=("mean", "max", "fixed")),
+        "cmr_fixed_threshold": K("float", 0.02, "CMR margin with cmr_threshold fixed (cosine units)", lo=0),
+        "cmr_upper_bound_cos": K("float", 0.1, "CMR margin clamp (cosine units: CE-CLIP's 10 at logit scale 100)",
+                                 lo=0),
+        "cmr_reset_each_epoch": K("bool", False, "margins back to 0 each epoch (CE-CLIP's behaviour)"),
+        "imc_weight": K("float", 0.0, "CE-CLIP's intra-modal contrastive loss weight (CE-CLIP: 0.3; 0: off)",
+                        lo=0),
+        "imc_negatives": K("str", "global", "IMC negatives: every rank's or the sample's own",
+                           choices=("global", "own")),
+        "clip_model": K("str", None, "CLIP_finetune.py: the open_clip model name (CE-CLIP: ViT-B-32)"),
+        "clip_model_config": K("path", None, "CLIP_finetune.py: a JSON model config registered with open_clip"),
+        "clip_checkpoint": K("path", None, "CLIP_finetune.py: local open_clip weights (nothing is downloaded)"),
+    },
     "data": {
         "train_file": K("files", None, "training annotation file(s), ALBEF's JSON lists"),
         "val_file": K("files", None, "validation annotation file(s)"),
@@ -151,6 +171,7 @@ NESTED = {
         "lr": K("float", REQUIRED, "learning rate", lo=0),
         "weight_decay": K("float", 0.0, "weight decay", lo=0),
         "betas": K("list", None, "Adam betas"),
+        "eps": K("float", None, "Adam epsilon (CE-CLIP: 1e-6)", lo=0, open_lo=True),
         "decay_0d": K("bool", True, "decay 0-d parameters (temp), as ALBEF does"),
         "fused": K("bool", True, "fused AdamW on CUDA"),
         "momentum": K("float", None, "SGD momentum", lo=0, hi=1),
@@ -193,7 +214,10 @@ TASK_DEFAULTS = {
     "nlvr": {"train_crop_scale": [0.5, 1.0], "eval_every": 1},
     "ve": {"train_crop_scale": [0.5, 1.0], "warm_up": False, "eval_every": 1},
     "grounding": {"eval_every": 1},
+    # CE-CLIP's recipe (spec §2.5): OpenCLIP's crop, no RandAugment, CLIP's 77 tokens
+    "clip": {"train_crop_scale": [0.9, 1.0], "randaugment": False, "warm_up": False, "max_tokens": 77},
 }
+TASK_EXEMPT = {"clip": ("bert_config",)}   # required elsewhere, meaningless here
 TASK_REQUIRED = {
     "pretrain": ("train_file", "batch_size", "optimizer", "schedular"),
     "retrieval": ("batch_size_train", "optimizer", "schedular"),
@@ -202,6 +226,7 @@ TASK_REQUIRED = {
     "nlvr": ("optimizer", "schedular"),
     "ve": ("optimizer", "schedular"),
     "grounding": ("optimizer", "schedular", "test_file", "det_file"),
+    "clip": ("train_file", "batch_size", "optimizer", "schedular", "clip_model"),
 }
 
 
@@ -325,7 +350,7 @@ def check(cfg, task=None, where="config"):
     for k, v in (cfg.get("loss_weights") or {}).items():
         _coerce(f"loss_weights.{k}", K("float", lo=0), v)
     for key, spec in KEYS.items():
-        if spec.default is REQUIRED and cfg.get(key) is None:
+        if spec.default is REQUIRED and cfg.get(key) is None and key not in TASK_EXEMPT.get(task, ()):
             raise ConfigError(f"{where}: missing required key {key!r} ({spec.doc})")
     for key in TASK_REQUIRED.get(task, ()):
         if cfg.get(key) is None:

@@ -98,6 +98,30 @@ def concat_all_gather(tensor):
     return _back(torch.cat(out, dim=0), tensor)
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """Forward: every rank's rows, rank-major. Backward: each rank's rows get the sum over ranks of their
+    gradient, so a loss computed on every rank over the gathered rows trains this rank's rows as one process
+    over the whole batch would (with DDP's mean over ranks)."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        ctx.n = tensor.shape[0]
+        return concat_all_gather(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = all_reduce_sum(grad.contiguous().clone())
+        r = get_rank()
+        return grad[r * ctx.n:(r + 1) * ctx.n]
+
+
+def all_gather_with_grad(tensor):
+    """All-gather along dim 0 in rank order that keeps the gradient (equal row counts on every rank)."""
+    if not is_dist():
+        return tensor
+    return _GatherWithGrad.apply(tensor)
+
+
 @torch.no_grad()
 def all_reduce_sum(tensor):
     """Sum over ranks, in place; returns the input tensor (on its own device)."""
@@ -195,6 +219,19 @@ def save_result(result, result_dir, name, key=None):
         _write_json(merged, os.path.join(result_dir, f"{name}.json"))
     barrier()
     return merged
+
+
+def read_partial_jsonl(path):
+    """The records of a resumable tool's progress file; a line cut by an interruption is skipped (redone)."""
+    out = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    return out
 
 
 def _write_json(obj, path):

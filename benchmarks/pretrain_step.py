@@ -10,6 +10,8 @@ attention in fp32, the originals' setting. Figures are printed as ratios to that
 both ends of the connection count (each connection adds a pair to MAFA's MLM batch): none, and all 2B.
 ``--compare modes``: today's path, the exact savings, + compile, + bf16 and + bf16 + compile (CUDA), gradient
 checkpointing (memory), each in its own process (its own peak memory), with FLOPs, TFLOP/s and MFU.
+``--compare ce``: CE-CLIP's losses (ITC-hn, then + CMR + IMC; four negative captions per sample through the
+text encoder) against plain ALBEF, same batch.
 ``--compare vicha``: ALBEF + H-ITC, + visual concepts (8 concept tokens: ViCHA draws 4 words), + MIM, + all
 three against plain ALBEF, same batch.
 """
@@ -65,10 +67,15 @@ def make_step(cfg, batch, device, attn, precision, with_filter=None, savings=Tru
     ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" else (
         lambda: torch.autocast(device.type, enabled=False))
     alpha = torch.tensor(0.4)   # a tensor, as the engine passes it
+    hn = None
+    if model.hn is not None:   # CE-CLIP: four negative captions per sample, all valid
+        hn_ids = torch.randint(1000 % vocab, vocab, (4 * batch, 25), device=device)
+        hn_ids[:, 0] = 101 % vocab
+        hn = (hn_ids, torch.ones_like(hn_ids), torch.ones(batch, 4, dtype=torch.bool, device=device))
 
     def step(m=run):
         with ctx():
-            out = m(image, text, alpha=alpha, concepts=concepts)
+            out = m(image, text, alpha=alpha, concepts=concepts, hard_negatives=hn)
             loss = sum(v for k, v in out.items() if k.startswith("loss"))
         loss.backward()
         opt.step()
@@ -212,7 +219,7 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--compare", choices=["precision", "mafa", "vicha", "savings", "modes"], default="precision")
+    p.add_argument("--compare", choices=["precision", "mafa", "vicha", "savings", "modes", "ce"], default="precision")
     p.add_argument("--modes", default=",".join(MODES), help=f"--compare modes: which, of {','.join(MODES)}")
     p.add_argument("--mode", choices=list(MODES), help=argparse.SUPPRESS)   # one mode, run by --compare modes
     p.add_argument("--compile_backend", default="inductor")
@@ -243,6 +250,16 @@ def main():
             sps, _ = measure({**cfg, **extra}, a.batch, device, "sdpa", prec, a.steps, a.warmup)
             base = base or sps
             print(f"{name:16s} {sps:8.2f} samples/s   step time {base / sps:.2f}x ALBEF's")
+        return
+    if a.compare == "ce":
+        prec = "bf16" if device.type == "cuda" else "fp32"
+        print(f"CE-CLIP losses, size={a.size}, batch={a.batch}, device={device}, {prec}")
+        base = None
+        for name, extra in (("ALBEF", {}), ("+ ITC-hn", {"hn_itc": True}),
+                            ("+ ITC-hn + CMR + IMC", {"hn_itc": True, "cmr_weight": 0.2, "imc_weight": 0.3})):
+            sps, _ = measure({**cfg, **extra}, a.batch, device, "sdpa", prec, a.steps, a.warmup)
+            base = base or sps
+            print(f"{name:22s} {sps:8.2f} samples/s   step time {base / sps:.2f}x ALBEF's")
         return
     if a.compare == "mafa":
         prec = "bf16" if device.type == "cuda" else "fp32"

@@ -34,8 +34,9 @@ def create_dataset(name, config, seed=0):
             raise ValueError("missing required config key 'train_file'")
         tf = _train_tf(config, res, value(config, "train_crop_scale", task))
         if name == "pretrain":
+            from models.hard_negatives import enabled
             return pretrain_dataset(config["train_file"], tf, value(config, "max_words"), image_root=root, seed=seed,
-                                    **common)
+                                    hard_negatives=enabled(config), **common)
         return re_train_dataset(config["train_file"], tf, root, value(config, "max_words"), seed=seed, **common)
     if name in ("vqa_train", "vqa_val", "vqa_test"):
         from dataset.vqa_dataset import vqa_dataset
@@ -92,9 +93,16 @@ class TextCollate:
         out = {"image": torch.stack(images), "input_ids": text["input_ids"],
                "attention_mask": text["attention_mask"], "idx": torch.tensor(idx, dtype=torch.long),
                "bad": [p for b in bad for p in b], "n": len(images)}
-        if len(batch[0]) > 4:
+        extras = batch[0][4:]
+        if any(isinstance(x, str) for x in extras):   # ViCHA's concept string
             kw = tokenize_concepts(self.tokenizer, [b[4] for b in batch], self.vc_max_tokens)
             out["kw_input_ids"], out["kw_attention_mask"] = kw
+        if extras and isinstance(extras[-1], dict):   # CE-CLIP's negatives: 4B texts, sample-major
+            hn = [b[-1] for b in batch]
+            t = self.tokenizer([c for h in hn for c in h["hard_negatives"]], padding=self.padding,
+                               truncation=self.truncation, max_length=self.max_length)
+            out["hn_input_ids"], out["hn_attention_mask"] = t["input_ids"], t["attention_mask"]
+            out["hn_valid"] = torch.tensor([h["hn_valid"] for h in hn], dtype=torch.bool)
         return out
 
 
@@ -116,6 +124,13 @@ def shard_loader(dataset, config, collate_fn):
     from utils import shard
     return DataLoader(Subset(dataset, list(shard(len(dataset)))), batch_size=eval_batch_size(config), shuffle=False,
                       num_workers=int(value(config, "num_workers")), collate_fn=collate_fn)
+
+
+def batch_hard_negatives(batch):
+    """The model's ``hard_negatives`` argument from a collated batch (None without them)."""
+    if "hn_input_ids" not in batch:
+        return None
+    return batch["hn_input_ids"], batch["hn_attention_mask"], batch["hn_valid"]
 
 
 def batch_concepts(batch):

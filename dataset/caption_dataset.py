@@ -110,6 +110,32 @@ def require_kwords(ann, path):
                                   "tools/visual_concepts.py writes it)")
 
 
+INVALID_HN = "###"   # CE-CLIP's mark of a negative that could not be generated
+N_HN = 4             # relation swap, attribute, object, action
+
+
+def require_hard_negatives(ann, files):
+    """Every entry needs ``hard_negatives`` (4 strings) and ``hn_valid`` (4 flags), per caption (parallel
+    lists) when ``caption`` is a list, as tools/hard_negatives.py writes them."""
+    where = ", ".join(as_list(files))
+
+    def four(x, kind):
+        return isinstance(x, list) and len(x) == N_HN and all(isinstance(v, kind) for v in x)
+    for i, a in enumerate(ann):
+        negs, valid = a.get("hard_negatives"), a.get("hn_valid")
+        caps = a["caption"] if isinstance(a["caption"], list) else None
+        ok = negs is not None and valid is not None
+        if ok and caps is None:
+            ok = four(negs, (str, type(None))) and four(valid, (int, bool))
+        elif ok:
+            ok = (isinstance(negs, list) and isinstance(valid, list) and len(negs) == len(valid) == len(caps)
+                  and all(four(n, (str, type(None))) and four(v, (int, bool)) for n, v in zip(negs, valid)))
+        if not ok:
+            raise AnnotationError(f"{where!r}, entry {i}: fields 'hard_negatives' (4 strings) and 'hn_valid' (4 flags)"
+                                  f"{', one list per caption,' if caps else ''} missing or malformed (a hard-negative "
+                                  "loss is on: hn_itc / cmr_weight / imc_weight; tools/hard_negatives.py writes them)")
+
+
 class ImageTextDataset(Dataset):
     """Base: robust image reading and per-sample seeding. Subclasses define ``entries`` and ``make``.
 
@@ -199,10 +225,13 @@ class pretrain_dataset(ImageTextDataset):
     """Items ``{'image': path, 'caption': str | [str, ...]}``; returns (image, caption, index, bad)."""
 
     def __init__(self, ann_file, transform, max_words=30, image_root=None, seed=0, config_key="train_file",
-                 concepts=None, truncated_ok=True):
+                 concepts=None, truncated_ok=True, hard_negatives=False):
         super().__init__(transform, image_root, seed, concepts, truncated_ok)
         self.ann = self._load(ann_file, {"image": str, "caption": (str, list)}, config_key)
         self.max_words = max_words
+        self.hard_negatives = hard_negatives
+        if hard_negatives:
+            require_hard_negatives(self.ann, ann_file)
 
     def __len__(self):
         return len(self.ann)
@@ -212,10 +241,20 @@ class pretrain_dataset(ImageTextDataset):
 
     def __getitem__(self, index):
         image, i, bad = self.read(index)
-        cap = self.ann[i]["caption"]
-        if isinstance(cap, list):
-            cap = random.Random(self.sample_seed(i)).choice(cap)
-        return self.with_concepts((image, pre_caption(cap, self.max_words), i, bad), self.ann[i], i)
+        a = self.ann[i]
+        cap, j = a["caption"], None
+        if isinstance(cap, list):   # the same draw as random.choice(cap), keeping the index for its negatives
+            j = random.Random(self.sample_seed(i)).choice(range(len(cap)))
+            cap = cap[j]
+        sample = self.with_concepts((image, pre_caption(cap, self.max_words), i, bad), a, i)
+        if self.hard_negatives:
+            negs, valid = a["hard_negatives"], a["hn_valid"]
+            if j is not None:
+                negs, valid = negs[j], valid[j]
+            valid = [bool(v) and isinstance(t, str) and t.strip() not in ("", INVALID_HN) for t, v in zip(negs, valid)]
+            negs = [pre_caption(t, self.max_words) if ok else "" for t, ok in zip(negs, valid)]
+            sample = (*sample, {"hard_negatives": negs, "hn_valid": valid})
+        return sample
 
 
 class re_train_dataset(ImageTextDataset):

@@ -210,6 +210,7 @@ def build_world(out, seed=0, n_train=3000, n_val=200, n_test=200, captions_per_i
     nlvr = write_nlvr(out, by_split, seed)
     ve = write_ve(out, by_split, seed)
     grounding = write_grounding(out, by_split, seed)
+    hn = write_hard_negatives(out, by_split, seed)
     write_vocab(os.path.join(out, "vocab"))
     stats = {s: {"images": len(recs), "captions": sum(len(r["captions"]) for r in recs),
                  "captions_with_false_negatives": sum(1 for x in fn.get(s, []) if x["false_negatives"])}
@@ -219,8 +220,85 @@ def build_world(out, seed=0, n_train=3000, n_val=200, n_test=200, captions_per_i
     for s_ in by_split:
         stats[s_]["nlvr_examples"], stats[s_]["ve_examples"] = nlvr[s_], ve[s_]
         stats[s_]["referring_expressions"] = grounding[s_]
+    stats["hard_negatives"] = hn
     dump(stats, "stats.json")
     return stats
+
+
+# ------------------------------------------------------------------ CE-CLIP hard negatives and a compositional test
+def _with(spec, k, **changes):
+    s = json.loads(json.dumps(spec))
+    s["mentions"][k].update(changes)
+    return s
+
+
+def scene_values(scene, attr):
+    return {o[attr] for o in scene["objects"]}
+
+
+def negative_specs(spec, scene, rng):
+    """Caption specs the scene makes false, by kind (None where the caption offers no such change):
+    swap_att / swap_obj (two mentions exchange their colours / shapes), replace_att / replace_obj (a colour /
+    shape absent from the scene), replace_rel (another position), add_att (a size the object lacks), add_obj
+    (a mention of an object absent from the scene)."""
+    ms, out = spec["mentions"], {}
+    for kind, attr in (("swap_att", "color"), ("swap_obj", "shape")):
+        pairs = [(i, j) for i in range(len(ms)) for j in range(i + 1, len(ms))
+                 if attr in ms[i] and attr in ms[j] and ms[i][attr] != ms[j][attr]]
+        if pairs:
+            i, j = rng.choice(pairs)
+            out[kind] = _with(_with(spec, i, **{attr: ms[j][attr]}), j, **{attr: ms[i][attr]})
+    for kind, attr, pool in (("replace_att", "color", list(COLORS)), ("replace_obj", "shape", SHAPES),
+                             ("replace_rel", "row", ROWS)):
+        ks = [k for k, m in enumerate(ms) if attr in m]
+        absent = [v for v in pool if v not in scene_values(scene, attr)] if attr != "row" else None
+        if ks:
+            k = rng.choice(ks)
+            choices = absent if absent is not None else [v for v in pool if v != ms[k][attr]]
+            if choices:
+                out[kind] = _with(spec, k, **{attr: rng.choice(choices)})
+    ks = [k for k, m in enumerate(ms) if "size" not in m]
+    if ks:
+        k = rng.choice(ks)
+        out["add_att"] = _with(spec, k, size=rng.choice(SIZES))
+    extra = {"color": rng.choice(list(COLORS)), "shape": rng.choice(SHAPES)}
+    if not spec.get("count"):
+        out["add_obj"] = {**json.loads(json.dumps(spec)), "mentions": ms + [extra]}
+    # only what the scene really makes false
+    return {k: v for k, v in out.items() if not matches(v, scene)}
+
+
+# CE-CLIP's four types in its order; the demo world has no verbs, so the fourth ("action") is a position
+HN_KINDS = ("swap_att", "replace_att", "replace_obj", "replace_rel")
+
+
+def write_hard_negatives(out, by_split, seed):
+    """``pretrain_hn.json``: pretrain.json with ``hard_negatives`` / ``hn_valid`` per caption, exact from the
+    scenes; and ``compositional/<subset>.json`` in SugarCrepe's format from the test split."""
+    rng = random.Random(seed * 7919 + 17)
+    entries = []
+    for r in by_split["train"]:
+        negs, valid = [], []
+        for spec in r["caption_specs"]:
+            found = negative_specs(spec, r["scene"], rng)
+            negs.append([caption_text(found[k]) if k in found else "###" for k in HN_KINDS])
+            valid.append([int(k in found) for k in HN_KINDS])
+        entries.append({"image": r["image"], "caption": r["captions"], "hard_negatives": negs, "hn_valid": valid})
+    with open(os.path.join(out, "pretrain_hn.json"), "w") as f:
+        json.dump(entries, f)
+    subsets = {}
+    for r in by_split["test"]:
+        for c, spec in zip(r["captions"], r["caption_specs"]):
+            for kind, neg in negative_specs(spec, r["scene"], rng).items():
+                sub = subsets.setdefault(kind, {})
+                sub[str(len(sub))] = {"filename": r["image"], "caption": c, "negative_caption": caption_text(neg)}
+    os.makedirs(os.path.join(out, "compositional"), exist_ok=True)
+    for kind, sub in subsets.items():
+        with open(os.path.join(out, "compositional", f"{kind}.json"), "w") as f:
+            json.dump(sub, f, indent=0)
+    return {"train_valid_share": [round(sum(v[t] for e in entries for v in e["hn_valid"]) /
+                                        max(1, sum(len(e["hn_valid"]) for e in entries)), 3) for t in range(4)],
+            "compositional": {k: len(v) for k, v in sorted(subsets.items())}}
 
 
 # human-like answer variants: what an annotator may write instead of the canonical answer

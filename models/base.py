@@ -182,8 +182,9 @@ class ALBEFBase(MomentumMixin, nn.Module):
         self.temp.clamp_(0.001, 0.5)
 
     # ---- objectives
-    def itc(self, image_feat, text_feat, image_feat_m, text_feat_m, positives, alpha):
-        """ITC against momentum features + queue. ``positives`` is [bs, bs + Q] bool. Returns (loss, sims)."""
+    def itc(self, image_feat, text_feat, image_feat_m, text_feat_m, positives, alpha, extra_i2t=None):
+        """ITC against momentum features + queue. ``positives`` is [bs, bs + Q] bool. Returns (loss, sims).
+        ``extra_i2t``: more image->text logit columns (CE-CLIP's hard negatives), with target 0."""
         with objectives.fp32(image_feat.device):
             image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1).float()
             text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1).float()
@@ -197,7 +198,8 @@ class ALBEFBase(MomentumMixin, nn.Module):
                     t_t2i = objectives.itc_targets(text_feat_m.float() @ image_feat_all / temp, pos, alpha)
                 else:
                     t_i2t = t_t2i = objectives.itc_targets(None, pos, 0)
-            loss = (objectives.soft_target_ce(sim_i2t, t_i2t) + objectives.soft_target_ce(sim_t2i, t_t2i)) / 2
+            loss = (objectives.soft_target_ce(*with_columns(sim_i2t, t_i2t, extra_i2t)) +
+                    objectives.soft_target_ce(sim_t2i, t_t2i)) / 2
         return loss, sim_i2t, sim_t2i
 
     def in_batch_sims(self, image_feat, text_feat):
@@ -208,11 +210,11 @@ class ALBEFBase(MomentumMixin, nn.Module):
             image_feat, text_feat = image_feat.float(), text_feat.float()
             return image_feat @ text_feat.detach().t() / temp, text_feat @ image_feat.detach().t() / temp
 
-    def in_batch_itc_loss(self, sim_i2t, sim_t2i, targets_i2t, targets_t2i):
+    def in_batch_itc_loss(self, sim_i2t, sim_t2i, targets_i2t, targets_t2i, extra_i2t=None):
         """Soft-target ITC over in-batch similarities; with ``itc_consistency_weight`` > 0 each direction is
         also pulled toward the other's detached distribution (GRIT's consistency term)."""
         with objectives.fp32(sim_i2t.device):
-            loss = (objectives.soft_target_ce(sim_i2t, targets_i2t) +
+            loss = (objectives.soft_target_ce(*with_columns(sim_i2t, targets_i2t, extra_i2t)) +
                     objectives.soft_target_ce(sim_t2i, targets_t2i)) / 2
             if self.itc_consistency > 0:
                 with torch.no_grad():
@@ -222,11 +224,11 @@ class ALBEFBase(MomentumMixin, nn.Module):
                 loss = loss + self.itc_consistency * consistency
         return loss
 
-    def itc_in_batch(self, image_feat, text_feat, positives):
+    def itc_in_batch(self, image_feat, text_feat, positives, extra_i2t=None):
         """GRIT's ITC: in-batch similarities, targets spread over ``positives``. Returns (loss, sims)."""
         sim_i2t, sim_t2i = self.in_batch_sims(image_feat, text_feat)
         targets = objectives.itc_targets(None, positives.float(), 0)
-        return self.in_batch_itc_loss(sim_i2t, sim_t2i, targets, targets.t()), sim_i2t, sim_t2i
+        return self.in_batch_itc_loss(sim_i2t, sim_t2i, targets, targets.t(), extra_i2t), sim_i2t, sim_t2i
 
     def shared_kv(self, image_embeds):
         """``image_embeds`` as a ``SharedImageKV`` (the fusion passes of one step share its K/V projections),
@@ -272,6 +274,14 @@ class ALBEFBase(MomentumMixin, nn.Module):
         weights = torch.cat([torch.ones(bs, device=logits.device), neg_weights.to(logits.device)])
         loss = objectives.itm_loss(logits, labels, weights)
         return loss, {"itm_logits": logits, "neg_image_idx": neg_img, "neg_text_idx": neg_txt}
+
+
+def with_columns(logits, targets, extra):
+    """(logits, targets) with ``extra`` logit columns appended at target 0 (the consistency term and ITM
+    read the original columns only)."""
+    if extra is None:
+        return logits, targets
+    return torch.cat([logits, extra.to(logits.dtype)], 1), torch.cat([targets, targets.new_zeros(extra.shape)], 1)
 
 
 def text_inputs(text):

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from models import ecm as ecm_lib
+from models import hard_negatives
 from models import mim
 from models import objectives
 from models.base import ALBEFBase, BertForMaskedLM, text_inputs
@@ -49,9 +50,12 @@ class ALBEF(ALBEFBase):
         self.epoch = 0
         self._discriminator = []   # a list, so the frozen filter is no submodule: never saved or optimised
         mim.build_mim(self, config)   # ViCHA's masked image modelling (mae: true)
+        self.hn = hard_negatives.HardNegativeLosses(config) if hard_negatives.enabled(config) else None
 
     def set_epoch(self, epoch):
         self.epoch = epoch
+        if self.hn is not None:
+            self.hn.on_epoch(epoch)
 
     def set_discriminator(self, discriminator):
         """Attach MAFA's ConnectionDiscriminator (ECM); only with in-batch ITC (``use_momentum: false``)."""
@@ -59,16 +63,28 @@ class ALBEF(ALBEFBase):
             raise ValueError("ECM needs in-batch ITC: set 'use_momentum: false' (MAFA trains without momentum)")
         self._discriminator = [discriminator]
 
-    def forward(self, image, text, alpha=0.0, idx=None, concepts=None):
-        """``concepts`` = (input_ids, attention_mask) of ViCHA's visual concepts when ``kw_img_model``."""
+    def forward(self, image, text, alpha=0.0, idx=None, concepts=None, hard_negatives=None):
+        """``concepts`` = (input_ids, attention_mask) of ViCHA's visual concepts when ``kw_img_model``;
+        ``hard_negatives`` = (input_ids [4B, L], attention_mask, valid [B, 4] bool) of CE-CLIP's generated
+        negative captions, sample-major, when a hard-negative loss is on."""
         input_ids, attention_mask = text_inputs(text)
         self.clamp_temp()
         hidden = bool(self.num_hidden_align)   # ViCHA's H-ITC joins the ITC loss
         img = self.encode_image(image, hidden=hidden, concepts=concepts)
         txt = self.encode_text(input_ids, attention_mask, hidden=hidden)
         image_embeds, image_feat, text_embeds, text_feat = img[0], img[1], txt[0], txt[1]
+        hn_feat = extra = None
+        if self.hn is not None:
+            if hard_negatives is None:
+                raise ValueError("a hard-negative loss is on (hn_itc / cmr_weight / imc_weight) but the batch has "
+                                 "no hard negatives")
+            hn_ids, hn_mask, hn_valid = hard_negatives
+            hn_feat = self.encode_text(hn_ids, hn_mask)[1]   # unimodal: never fused, queued or masked
+            extra = self.hn.extra_i2t(image_feat, hn_feat, hn_valid, self.temp)
         out = self._objectives(image, input_ids, attention_mask, alpha, image_embeds, image_feat, text_embeds,
-                               text_feat, concepts)
+                               text_feat, concepts, extra_i2t=extra)
+        if self.hn is not None:
+            out.update(self.hn(image_feat, text_feat, hn_feat, hn_valid, self.temp))
         if hidden:
             out["loss_ita"] = out["loss_ita"] + self.hidden_itc(img[2], txt[2])
         if self.mim:   # ViCHA's unimodal MAE: a second ViT pass without concepts
@@ -76,16 +92,16 @@ class ALBEF(ALBEFBase):
         return out
 
     def _objectives(self, image, input_ids, attention_mask, alpha, image_embeds, image_feat, text_embeds, text_feat,
-                    concepts=None):
+                    concepts=None, extra_i2t=None):
         bs = image.shape[0]
         image_atts = self.image_atts(image_embeds, concepts)
         image_embeds = self.shared_kv(image_embeds)   # one K/V projection per fusion layer for ITM and MLM
         if not self.use_momentum and self._discriminator:
             return self.forward_mafa(image, input_ids, attention_mask, image_embeds, image_feat, text_embeds,
-                                     text_feat, image_atts)
+                                     text_feat, image_atts, extra_i2t)
         if not self.use_momentum:
             positives = torch.eye(bs, dtype=torch.bool, device=image.device)
-            loss_ita, sim_i2t, sim_t2i = self.itc_in_batch(image_feat, text_feat, positives)
+            loss_ita, sim_i2t, sim_t2i = self.itc_in_batch(image_feat, text_feat, positives, extra_i2t)
             loss_itm, _ = self.itm(text_embeds, attention_mask, image_embeds, sim_i2t, sim_t2i, positives,
                                    image_atts=image_atts)
             loss_mlm = self.mlm(input_ids, attention_mask, image_embeds, None, 0.0, image_atts)
@@ -100,7 +116,7 @@ class ALBEF(ALBEFBase):
         positives = (torch.arange(bs + self.image_queue.shape[1], device=image.device)[None, :] ==
                      torch.arange(bs, device=image.device)[:, None])
         loss_ita, sim_i2t, sim_t2i = self.itc(image_feat, text_feat, image_feat_m, text_feat_m, positives,
-                                              alpha if self.distill else 0.0)
+                                              alpha if self.distill else 0.0, extra_i2t)
         dequeue_and_enqueue(self, image_feat_m, text_feat_m)
         loss_itm, _ = self.itm(text_embeds, attention_mask, image_embeds, sim_i2t, sim_t2i, positives[:, :bs],
                                image_atts=image_atts)
@@ -109,7 +125,7 @@ class ALBEF(ALBEFBase):
                 "feats": (image_feat.detach(), text_feat.detach())}
 
     def forward_mafa(self, image, input_ids, attention_mask, image_embeds, image_feat, text_embeds, text_feat,
-                     image_atts):
+                     image_atts, extra_i2t=None):
         """MAFA: ECM on the in-batch hardest negatives, then S-ITC, corrected ITM and MLM on new positives."""
         bs, dev = image.shape[0], image.device
         sim_i2t, sim_t2i = self.in_batch_sims(image_feat, text_feat)
@@ -120,7 +136,7 @@ class ALBEF(ALBEFBase):
         conn_i2t, conn_t2i = ecm["i2t"] == ecm_lib.CONNECTION, ecm["t2i"] == ecm_lib.CONNECTION
         smoothing = self.itc_smoothing if self.epoch >= self.smoothing_start_epoch else 0.0
         t_i2t, t_t2i = ecm_lib.s_itc_targets(bs, conn_i2t, ecm["n1"], conn_t2i, ecm["m1"], smoothing, dev)
-        loss_ita = self.in_batch_itc_loss(sim_i2t, sim_t2i, t_i2t, t_t2i)
+        loss_ita = self.in_batch_itc_loss(sim_i2t, sim_t2i, t_i2t, t_t2i, extra_i2t)
         neg_img, lab_t2i = ecm_lib.itm_negatives(ecm["m1"], ecm["m2"], ecm["t2i"])
         neg_txt, lab_i2t = ecm_lib.itm_negatives(ecm["n1"], ecm["n2"], ecm["i2t"])
         loss_itm, _ = self.itm_pairs(text_embeds, attention_mask, image_embeds, neg_img, neg_txt,

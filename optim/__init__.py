@@ -29,6 +29,8 @@ def create_optimizer(cfg, model):
         kw["fused"] = bool(value(c, "optimizer.fused"))
     if value(c, "optimizer.betas") is not None:
         kw["betas"] = tuple(value(c, "optimizer.betas"))
+    if value(c, "optimizer.eps") is not None:
+        kw["eps"] = float(value(c, "optimizer.eps"))
     if value(c, "optimizer.momentum") is not None:
         kw["momentum"] = float(value(c, "optimizer.momentum"))
     return create_optimizer_v2(groups, opt=opt, lr=float(value(c, "optimizer.lr")), weight_decay=wd, **kw)

@@ -1,0 +1,111 @@
+"""CE-CLIP's own setting: an open_clip model finetuned by the engine with the hard-negative losses.
+
+The model is built by name (``clip_model``; ``clip_model_config`` registers a custom JSON config) with
+weights from a local state-dict file (``clip_checkpoint``, loaded without executing pickled code; nothing is
+downloaded). ITC is CLIP's in-batch loss over every rank's features (the local ones keep their gradient)
+with rank-offset targets; ITC-hn, CMR and IMC are ``models.hard_negatives`` with temp = 1 / logit_scale.
+CE-CLIP clamps the logit scale to <= 100 after every step (``clamp_temp``, as ALBEF clamps its temp).
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+
+from models import hard_negatives
+from models.objectives import soft_target_ce
+from utils import all_gather_with_grad, get_rank
+
+
+def build_open_clip(config):
+    """(open_clip model, tokenizer) from the config's keys; errors name the key."""
+    import open_clip
+    name = config.get("clip_model")
+    if not name:
+        raise ValueError("missing required config key 'clip_model' (an open_clip model name)")
+    cfg_file = config.get("clip_model_config")
+    if cfg_file:
+        if not os.path.isfile(cfg_file):
+            raise FileNotFoundError(f"config key 'clip_model_config': file not found: {cfg_file!r}")
+        open_clip.add_model_config(cfg_file)
+    try:
+        model = open_clip.create_model(name, pretrained=None)
+    except RuntimeError as e:
+        raise ValueError(f"config key 'clip_model' {name!r}: {e}") from None
+    ckpt = config.get("clip_checkpoint")
+    if ckpt:
+        from models.checkpoint import extract_state_dict, load_file
+        if not os.path.isfile(ckpt):
+            raise FileNotFoundError(f"config key 'clip_checkpoint': file not found: {ckpt!r} (nothing is downloaded)")
+        sd = extract_state_dict(load_file(ckpt, "clip_checkpoint"))
+        missing, _ = model.load_state_dict(sd, strict=False)
+        if missing:
+            raise ValueError(f"clip_checkpoint {ckpt!r} does not fit clip_model {name!r}: {len(missing)} missing "
+                             f"keys, e.g. {missing[:5]}")
+    return model, open_clip.get_tokenizer(name)
+
+
+class CLIPWithHardNegatives(torch.nn.Module):
+    """``forward(image, text_ids, hard_negatives=(ids [4B, L], valid [B, 4]))`` -> named losses."""
+
+    def __init__(self, config, clip=None):
+        super().__init__()
+        self.clip = clip if clip is not None else build_open_clip(config)[0]
+        self.hn = hard_negatives.HardNegativeLosses(config) if hard_negatives.enabled(config) else None
+        self.max_logit_scale = 100.0
+
+    @torch.no_grad()
+    def clamp_temp(self):
+        self.clip.logit_scale.clamp_(0, torch.log(torch.tensor(self.max_logit_scale)).item())
+
+    def set_epoch(self, epoch):
+        if self.hn is not None:
+            self.hn.on_epoch(epoch)
+
+    def forward(self, image, text, hard_negatives=None, alpha=None):
+        self.clamp_temp()
+        image_feat = F.normalize(self.clip.encode_image(image).float(), dim=-1)
+        text_feat = F.normalize(self.clip.encode_text(text).float(), dim=-1)
+        temp = 1.0 / self.clip.logit_scale.exp().float()
+        # CLIP's loss over the global batch: this rank's rows against every rank's features
+        image_all, text_all = all_gather_with_grad(image_feat), all_gather_with_grad(text_feat)
+        b = image_feat.shape[0]
+        targets = torch.zeros(b, image_all.shape[0], device=image.device)
+        targets[torch.arange(b), get_rank() * b + torch.arange(b)] = 1.0
+        sim_i2t, sim_t2i = image_feat @ text_all.t() / temp, text_feat @ image_all.t() / temp
+        extra = hn_feat = None
+        if self.hn is not None:
+            if hard_negatives is None:
+                raise ValueError("a hard-negative loss is on but the batch has no hard negatives")
+            hn_ids, valid = hard_negatives
+            hn_feat = F.normalize(self.clip.encode_text(hn_ids).float(), dim=-1)
+            extra = self.hn.extra_i2t(image_feat, hn_feat, valid, temp)
+        from models.base import with_columns
+        loss = (soft_target_ce(*with_columns(sim_i2t, targets, extra)) + soft_target_ce(sim_t2i, targets)) / 2
+        out = {"loss_ita": loss, "feats": (image_feat.detach(), text_feat.detach())}
+        if self.hn is not None:
+            out.update(self.hn(image_feat, text_feat, hn_feat, valid, temp))
+        return out
+
+
+@torch.no_grad()
+def clip_scores(model, images, texts, tokenizer, device):
+    """{cos}: [B, K] cosine of each image with its own K texts (compositional benchmarks)."""
+    clip = model.clip if isinstance(model, CLIPWithHardNegatives) else model
+    b, k = len(texts), len(texts[0])
+    v = F.normalize(clip.encode_image(images.to(device)).float(), dim=-1)
+    t = F.normalize(clip.encode_text(tokenizer([x for ts in texts for x in ts]).to(device)).float(), dim=-1)
+    return {"cos": (v.repeat_interleave(k, 0) * t).sum(-1).view(b, k)}
+
+
+def build_clip(config, checkpoint, device):
+    """(model, transform, tokenizer, image_res) for ``engine.compositional --clip``: ``checkpoint`` is a
+    finetuning checkpoint of this module, or empty (the config's ``clip_checkpoint`` weights)."""
+    from dataset.transforms import test_transform
+    from models.checkpoint import extract_state_dict, load_file
+    clip, tokenizer = build_open_clip(config)
+    model = CLIPWithHardNegatives(config, clip)
+    if checkpoint:
+        sd = extract_state_dict(load_file(checkpoint, "--checkpoint"))
+        model.load_state_dict(sd, strict=False)
+    res = int(config.get("image_res") or 224)
+    return model.to(device).eval(), test_transform(res), tokenizer, res
