@@ -33,3 +33,18 @@ def sample_concepts(kwords, p=None, rng=None, replacement=False, sep_token=False
         n = int(p * len(words))
         words = rng.choices(words, k=n) if replacement else rng.sample(words, min(n, len(words)))
     return (" [SEP] " if sep_token else " ").join(words)
+
+
+def load_spacy(model, error=RuntimeError):
+    """A spaCy pipeline for POS tags only (NER and parser off), from a package name or a local directory;
+    ``error`` (the caller's exception class) names what is missing. Nothing is downloaded."""
+    try:
+        import spacy
+    except ImportError:
+        raise error("spaCy is not installed: pip install spacy, then an English pipeline (en_core_web_sm) from "
+                    "a local wheel or directory") from None
+    try:
+        return spacy.load(model, disable=["ner", "parser", "lemmatizer"])
+    except OSError:
+        raise error(f"spaCy pipeline {model!r} not found (a package name or a local directory; nothing is "
+                    "downloaded)") from None

@@ -27,6 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils import read_partial_jsonl   # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- vocabulary
@@ -198,15 +199,7 @@ def assign(ann, scorer, vocab, out, image_root=None, topk=15, batch_size=64, num
             raise SystemExit(f"--ann entry {i} has no 'image' (or NLVR2 'images') field: {str(e)[:200]}")
     paths = list(dict.fromkeys(p for e in ann for _, p in image_keys(e)))
     partial = out + ".partial.jsonl"
-    done = {}
-    if os.path.isfile(partial):
-        with open(partial) as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:   # a line cut by the interruption: redone
-                    continue
-                done[rec["image"]] = rec["kwords"]
+    done = {rec["image"]: rec["kwords"] for rec in read_partial_jsonl(partial)}
     todo = [p for p in paths if p not in done]
     k = min(topk, len(vocab))
     word_feats = scorer.words(vocab)
