@@ -69,8 +69,9 @@ class CLIPWithHardNegatives(torch.nn.Module):
         # CLIP's loss over the global batch: this rank's rows against every rank's features
         image_all, text_all = all_gather_with_grad(image_feat), all_gather_with_grad(text_feat)
         b = image_feat.shape[0]
-        targets = torch.zeros(b, image_all.shape[0], device=image.device)
-        targets[torch.arange(b), get_rank() * b + torch.arange(b)] = 1.0
+        rows = torch.arange(b, device=image_feat.device)
+        targets = torch.zeros(b, image_all.shape[0], device=image_feat.device)
+        targets[rows, get_rank() * b + rows] = 1.0   # rank-offset positives
         sim_i2t, sim_t2i = image_feat @ text_all.t() / temp, text_feat @ image_all.t() / temp
         extra = hn_feat = None
         if self.hn is not None:
