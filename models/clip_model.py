@@ -16,32 +16,38 @@ from models.objectives import soft_target_ce
 from utils import all_gather_with_grad, get_rank
 
 
+def open_clip_model(name, model_config=None, checkpoint=None, keys=("clip_model", "clip_model_config",
+                                                                    "clip_checkpoint")):
+    """(open_clip model, its preprocess transform, tokenizer): built by name (``model_config``: a JSON config
+    registered first), weights from a local state-dict file loaded without running pickled code. ``keys``
+    name the config keys or flags in the errors."""
+    import open_clip
+    from models.checkpoint import extract_state_dict, load_file
+    if not name:
+        raise ValueError(f"missing {keys[0]!r} (an open_clip model name)")
+    if checkpoint and not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"{keys[2]}: file not found: {checkpoint!r} (nothing is downloaded)")
+    if model_config:
+        if not os.path.isfile(model_config):
+            raise FileNotFoundError(f"{keys[1]}: file not found: {model_config!r}")
+        open_clip.add_model_config(model_config)
+    try:
+        model, _, transform = open_clip.create_model_and_transforms(name, pretrained=None)
+    except RuntimeError as e:
+        raise ValueError(f"{keys[0]} {name!r}: {e}") from None
+    if checkpoint:
+        missing, _ = model.load_state_dict(extract_state_dict(load_file(checkpoint, keys[2])), strict=False)
+        if missing:
+            raise ValueError(f"{keys[2]} {checkpoint!r} does not fit {keys[0]} {name!r}: {len(missing)} missing "
+                             f"keys, e.g. {missing[:5]}")
+    return model, transform, open_clip.get_tokenizer(name)
+
+
 def build_open_clip(config):
     """(open_clip model, tokenizer) from the config's keys; errors name the key."""
-    import open_clip
-    name = config.get("clip_model")
-    if not name:
-        raise ValueError("missing required config key 'clip_model' (an open_clip model name)")
-    cfg_file = config.get("clip_model_config")
-    if cfg_file:
-        if not os.path.isfile(cfg_file):
-            raise FileNotFoundError(f"config key 'clip_model_config': file not found: {cfg_file!r}")
-        open_clip.add_model_config(cfg_file)
-    try:
-        model = open_clip.create_model(name, pretrained=None)
-    except RuntimeError as e:
-        raise ValueError(f"config key 'clip_model' {name!r}: {e}") from None
-    ckpt = config.get("clip_checkpoint")
-    if ckpt:
-        from models.checkpoint import extract_state_dict, load_file
-        if not os.path.isfile(ckpt):
-            raise FileNotFoundError(f"config key 'clip_checkpoint': file not found: {ckpt!r} (nothing is downloaded)")
-        sd = extract_state_dict(load_file(ckpt, "clip_checkpoint"))
-        missing, _ = model.load_state_dict(sd, strict=False)
-        if missing:
-            raise ValueError(f"clip_checkpoint {ckpt!r} does not fit clip_model {name!r}: {len(missing)} missing "
-                             f"keys, e.g. {missing[:5]}")
-    return model, open_clip.get_tokenizer(name)
+    model, _, tokenizer = open_clip_model(config.get("clip_model"), config.get("clip_model_config"),
+                                          config.get("clip_checkpoint"))
+    return model, tokenizer
 
 
 class CLIPWithHardNegatives(torch.nn.Module):

@@ -100,25 +100,15 @@ class ClipScorer:
     weights from a local state-dict file, loaded without executing pickled code."""
 
     def __init__(self, name, checkpoint, device, model_config=None):
-        import open_clip
-        from models.checkpoint import extract_state_dict, load_file
-        if model_config:
-            if not os.path.isfile(model_config):
-                raise SystemExit(f"--clip_model_config: file not found: {model_config!r}")
-            open_clip.add_model_config(model_config)
-        if not checkpoint or not os.path.isfile(checkpoint):
-            raise SystemExit(f"--clip_checkpoint: file not found: {checkpoint!r} (nothing is downloaded)")
+        from models.clip_model import open_clip_model
+        if not checkpoint:
+            raise SystemExit("--clip_checkpoint: file not found: None (nothing is downloaded)")
         try:
-            model, _, self.transform = open_clip.create_model_and_transforms(name, pretrained=None)
-        except RuntimeError as e:
-            raise SystemExit(f"--clip_model {name!r}: {e}") from None
-        sd = extract_state_dict(load_file(checkpoint, "--clip_checkpoint"))
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        if missing:
-            raise SystemExit(f"--clip_checkpoint {checkpoint!r} does not fit --clip_model {name!r}: "
-                             f"{len(missing)} missing keys, e.g. {missing[:5]}")
+            model, self.transform, self.tokenizer = open_clip_model(
+                name, model_config, checkpoint, keys=("--clip_model", "--clip_model_config", "--clip_checkpoint"))
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(str(e)) from None
         self.model = model.to(device).eval()
-        self.tokenizer = open_clip.get_tokenizer(name)
         self.device = device
 
     @torch.no_grad()
