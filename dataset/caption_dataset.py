@@ -154,12 +154,32 @@ class ImageTextDataset(Dataset):
         self.concepts = concepts
 
     def _load(self, files, required, config_key):
+        files = as_list(files)
+        if any(str(f).endswith(".arrow") for f in files):
+            return self._load_store(files, required, config_key)
         ann = []
-        for f in as_list(files):
+        for f in files:
             part = read_json_list(f, required, config_key)
             if self.concepts is not None:
                 require_kwords(part, f)
             ann += part
+        return ann
+
+    def _load_store(self, files, required, config_key):
+        """A memory-mapped store (dataset/store.py) instead of JSON lists: one file holds the whole corpus."""
+        from dataset.store import ArrowAnnotations
+        if len(files) != 1:
+            raise AnnotationError(f"{config_key}: a .arrow store holds the whole corpus; give it alone, not with "
+                                  f"other files ({files}); python -m dataset.store --ann ... converts them into one")
+        if not os.path.isfile(files[0]):
+            raise AnnotationError(f"{config_key}: annotation store not found: {files[0]!r}")
+        ann = ArrowAnnotations(files[0])
+        if set(required) - {"image", "caption"}:
+            raise AnnotationError(f"{config_key}: a .arrow store serves pretraining entries ({{image, caption}}); "
+                                  f"this dataset needs {sorted(required)}")
+        if self.concepts is not None and not ann.has("kwords"):
+            raise AnnotationError(f"{files[0]!r}: entries without 'kwords' (config key 'kw_img_model' is true; "
+                                  "tools/visual_concepts.py writes them)")
         return ann
 
     def concept_string(self, entry, i):
@@ -231,7 +251,12 @@ class pretrain_dataset(ImageTextDataset):
         self.max_words = max_words
         self.hard_negatives = hard_negatives
         if hard_negatives:
-            require_hard_negatives(self.ann, ann_file)
+            if hasattr(self.ann, "has"):   # a store: checked per column, its converter validated the entries
+                if not (self.ann.has("hard_negatives") and self.ann.has("hn_valid")):
+                    raise AnnotationError(f"{ann_file!r}: entries without 'hard_negatives' / 'hn_valid' (a "
+                                          "hard-negative loss is on; tools/hard_negatives.py writes them)")
+            else:
+                require_hard_negatives(self.ann, ann_file)
 
     def __len__(self):
         return len(self.ann)
