@@ -1,6 +1,7 @@
 """A memory-mapped annotation store: ALBEF's JSON lists as one Apache Arrow IPC file.
 
     python -m dataset.store --ann data/cc3m.json data/cc12m.json --out data/cc15m.arrow
+    python -m dataset.store --ann cc3m_files/*.parquet --out data/cc3m.arrow   # img2dataset --output_format files
 
 At CC3M/CC12M scale a JSON list costs every rank ~392 bytes of Python objects per entry (5 GiB at 14M) and
 seconds of parsing, and forked loader workers copy those pages as they touch reference counts. The store
@@ -49,15 +50,34 @@ def _columns(entries, where):
     return cols
 
 
+def img2dataset_entries(path):
+    """Entries of one img2dataset shard's parquet (``--output_format files``: ``<shard>/<key>.jpg`` beside
+    ``<shard>.parquet``): the successfully downloaded rows, image paths relative to the parquet's folder."""
+    import pyarrow.parquet as pq
+    t = pq.read_table(path, columns=None)
+    missing = [c for c in ("key", "caption") if c not in t.column_names]
+    if missing:
+        raise ValueError(f"{path!r}: not an img2dataset shard parquet (no column(s) {missing})")
+    shard = os.path.splitext(os.path.basename(path))[0]
+    cols = {c: t.column(c).to_pylist() for c in ("key", "caption", "status") if c in t.column_names}
+    ok = cols.get("status") or ["success"] * t.num_rows
+    return [{"image": f"{shard}/{k}.jpg", "caption": c} for k, c, st in zip(cols["key"], cols["caption"], ok)
+            if st == "success" and isinstance(c, str)]
+
+
 def convert(json_files, out, batch_rows=100_000, log=print):
-    """Write ``out`` (atomically) from ALBEF JSON lists, in order; returns the number of entries."""
+    """Write ``out`` (atomically) from ALBEF JSON lists and img2dataset shard parquets (``.parquet``), in
+    order; returns the number of entries."""
     import pyarrow as pa
     schema, n = _schema(), 0
     tmp = f"{out}.tmp.{os.getpid()}"
     with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
         for path in json_files:
-            with open(path) as f:
-                entries = json.load(f)
+            if str(path).endswith(".parquet"):
+                entries = img2dataset_entries(path)
+            else:
+                with open(path) as f:
+                    entries = json.load(f)
             if not isinstance(entries, list):
                 raise ValueError(f"{path!r}: expected a JSON list of entries (ALBEF's format)")
             for start in range(0, len(entries), batch_rows):
@@ -124,7 +144,8 @@ class ArrowAnnotations:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ann", nargs="+", required=True, help="ALBEF JSON lists, in order")
+    p.add_argument("--ann", nargs="+", required=True,
+                   help="ALBEF JSON lists and/or img2dataset shard parquets (--output_format files), in order")
     p.add_argument("--out", required=True, help="the store (.arrow)")
     a = p.parse_args(argv)
     for f in a.ann:

@@ -64,3 +64,18 @@ def test_grit_pretraining_over_the_store_ends_as_over_json(tiny_world, tmp_path)
     a, b = outs["json"], outs["store"]
     assert [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])] == []
     assert torch.equal(a["components"]["grit"]["orders"][2], b["components"]["grit"]["orders"][2])
+
+
+def test_img2dataset_parquet_rows_become_entries(tmp_path):
+    """img2dataset's per-shard parquet (--output_format files): successful rows, paths <shard>/<key>.jpg."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"key": ["000000000", "000000001", "000000002"], "caption": ["a dog", "a cat", None],
+                             "url": ["u0", "u1", "u2"], "status": ["success", "failed_to_download", "success"]}),
+                   tmp_path / "00000.parquet")
+    out = str(tmp_path / "s.arrow")
+    assert convert([str(tmp_path / "00000.parquet")], out, log=lambda *_: None) == 1
+    assert ArrowAnnotations(out)[0] == {"image": "00000/000000000.jpg", "caption": "a dog"}
+    pq.write_table(pa.table({"url": ["u"]}), tmp_path / "other.parquet")
+    with pytest.raises(ValueError, match="not an img2dataset shard parquet"):
+        convert([str(tmp_path / "other.parquet")], out, log=lambda *_: None)
