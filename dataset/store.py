@@ -28,13 +28,14 @@ def _schema():
                       ("extra", pa.string())])
 
 
-def _columns(entries, where):
+def _columns(entries, path, start):
     cols = {k: [] for k in ("image", "caption", "caption_single", "kwords", "hard_negatives", "hn_valid",
                             "hn_single", "extra")}
-    for i, e in where(entries):
+    for j, e in enumerate(entries):
         cap = e.get("caption")
         if not isinstance(e.get("image"), str) or not (isinstance(cap, str) or isinstance(cap, list)):
-            raise ValueError(f"{i}: needs 'image' (a string) and 'caption' (a string or a list of strings)")
+            raise ValueError(f"{path!r}, entry {start + j}: needs 'image' (a string) and 'caption' (a string or a "
+                             "list of strings)")
         cols["image"].append(e["image"])
         cols["caption"].append([cap] if isinstance(cap, str) else cap)
         cols["caption_single"].append(isinstance(cap, str))
@@ -81,12 +82,8 @@ def convert(json_files, out, batch_rows=100_000, log=print):
             if not isinstance(entries, list):
                 raise ValueError(f"{path!r}: expected a JSON list of entries (ALBEF's format)")
             for start in range(0, len(entries), batch_rows):
-                chunk = entries[start:start + batch_rows]
-
-                def where(es, s=start, p=path):
-                    for j, e in enumerate(es):
-                        yield f"{p!r}, entry {s + j}", e
-                writer.write_batch(pa.record_batch(_columns(chunk, where), schema=schema))
+                writer.write_batch(pa.record_batch(_columns(entries[start:start + batch_rows], path, start),
+                                                   schema=schema))
             n += len(entries)
             log(f"{path}: {len(entries)} entries")
             del entries
@@ -120,11 +117,9 @@ class ArrowAnnotations:
         return self._n
 
     def has(self, field):
-        """True when every entry has ``field`` (a store column without nulls, or a key of ``extra``)."""
+        """True when every entry has ``field`` (a store column without nulls)."""
         t = self.table
-        if field in t.column_names and field not in ("extra",):
-            return t.column(field).null_count == 0
-        return False
+        return field in t.column_names and t.column(field).null_count == 0
 
     def __getitem__(self, i):
         if not -self._n <= i < self._n:

@@ -210,20 +210,16 @@ def albef_scores(model, images, texts, tokenizer, device, max_tokens=30):
 
 
 def evaluate_cases(cases, score_fn, transform, image_res, batch_size=32):
-    """{score name: [right (bool) per case]}, and the number of unreadable images."""
-    right, bad = defaultdict(list), 0
-    by_k = defaultdict(list)   # cases with the same number of texts batch together
+    """{score name: [right (bool) per case]}, and the number of unreadable images. Cases batch with others of
+    the same number of texts."""
+    by_k = defaultdict(list)
     for i, c in enumerate(cases):
         by_k[len(c["texts"])].append(i)
-    order = [i for k in sorted(by_k) for i in by_k[k]]
     slots = {}
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        if len({len(cases[i]["texts"]) for i in idx}) > 1:   # a batch spans two text counts: split it
-            for i in idx:
-                slots.update(_score([i], cases, score_fn, transform, image_res))
-            continue
-        slots.update(_score(idx, cases, score_fn, transform, image_res))
+    for idx in by_k.values():
+        for start in range(0, len(idx), batch_size):
+            slots.update(_score(idx[start:start + batch_size], cases, score_fn, transform, image_res))
+    right, bad = defaultdict(list), 0
     for i in range(len(cases)):
         ok, b = slots[i]
         bad += b

@@ -93,10 +93,14 @@ def test_generator_writes_four_types_per_caption_and_resumes(tiny_mlm, tmp_path)
         return tagger(texts)
     hn.run(str(src), out2, counting, fill, batch_size=8)
     assert calls == [2] and json.load(open(out2)) == res
-    # the training dataset reads the file
-    from dataset.caption_dataset import pretrain_dataset
-    ds = pretrain_dataset(out, lambda x: x, hard_negatives=True)
-    assert ds.hard_negatives
+    # the training dataset accepts the file, and refuses it once a caption's negatives are missing
+    from dataset.caption_dataset import AnnotationError, pretrain_dataset
+    assert len(pretrain_dataset(out, lambda x: x, hard_negatives=True)) == 2
+    res[1]["hn_valid"] = res[1]["hn_valid"][:1]
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps(res))
+    with pytest.raises(AnnotationError, match="entry 1: fields 'hard_negatives'"):
+        pretrain_dataset(str(broken), lambda x: x, hard_negatives=True)
 
 
 def test_generator_errors_name_the_file_and_what_is_missing(tmp_path):
