@@ -111,7 +111,13 @@ GROUPS = {
         "clip_checkpoint": K("path", None, "CLIP_finetune.py: local open_clip weights (nothing is downloaded)"),
     },
     "data": {
-        "train_file": K("files", None, "training annotation file(s), ALBEF's JSON lists"),
+        "train_file": K("files", None, "training data: ALBEF's JSON lists, .arrow stores (python -m dataset.store), "
+                        "or webdataset .tar shards (brace patterns, '::' lists) streamed"),
+        "train_weights": K("list", None, "per train_file source: OpenCLIP's upsampling factors (1: each item once "
+                           "an epoch, 2: twice, 0.5: a random half)"),
+        "train_num_samples": K("int", None, "streamed shards: samples per epoch (default: from img2dataset's "
+                               "_stats.json)", lo=1),
+        "shuffle_buffer": K("int", 1000, "streamed shards: samples each loader worker shuffles among", lo=1),
         "val_file": K("files", None, "validation annotation file(s)"),
         "test_file": K("files", None, "test annotation file(s)"),
         "image_root": K("path", None, "prefix of relative image paths"),

@@ -35,6 +35,9 @@ def create_dataset(name, config, seed=0):
         tf = _train_tf(config, res, value(config, "train_crop_scale", task))
         if name == "pretrain":
             from models.hard_negatives import enabled
+            from dataset.shards import is_shards
+            if is_shards(config["train_file"]):
+                return shard_stream(config, tf, seed, common, enabled(config))
             return pretrain_dataset(config["train_file"], tf, value(config, "max_words"), image_root=root, seed=seed,
                                     hard_negatives=enabled(config), **common)
         return re_train_dataset(config["train_file"], tf, root, value(config, "max_words"), seed=seed, **common)
@@ -72,6 +75,21 @@ def create_dataset(name, config, seed=0):
         return re_eval_dataset(config[key], test_transform(res), root, value(config, "max_words"),
                                config_key=key, image_res=res, **common)
     raise ValueError(f"unknown dataset {name!r}")
+
+
+def shard_stream(config, transform, seed, common, hard_negatives):
+    """Pretraining streamed from webdataset shards (every ``train_file`` source is ``.tar`` shards)."""
+    from dataset.shards import ShardStream
+    from utils import get_rank, get_world_size
+    if config.get("grit"):
+        raise ValueError("config key 'grit': GRIT regroups the previous epoch's samples, which needs random "
+                         "access; convert the shards once (python -m dataset.store --ann 'shards/*.tar' --out "
+                         "corpus.arrow) and give the .arrow as train_file")
+    return ShardStream(config["train_file"], transform, value(config, "max_words"), int(value(config, "batch_size")),
+                       get_world_size(), get_rank(), seed, weights=value(config, "train_weights"),
+                       num_samples=value(config, "train_num_samples"), shuffle_buffer=value(config, "shuffle_buffer"),
+                       concepts=common["concepts"], hard_negatives=hard_negatives,
+                       truncated_ok=common["truncated_ok"], workers=int(value(config, "num_workers")))
 
 
 class TextCollate:

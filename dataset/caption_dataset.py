@@ -7,9 +7,11 @@ the requested index travels with the sample as bad (not the replacements tried),
 counted once per epoch; the sample's index is the replacement's, the item actually trained. Random augmentation of item ``i`` in epoch ``e`` is seeded from ``(seed, e, i)``, which
 makes a run resumed mid-epoch see exactly the same samples.
 """
+import io
 import json
 import os
 import random
+import re
 import zlib
 from contextlib import contextmanager
 
@@ -62,10 +64,24 @@ def resolve(path, image_root):
     return path if (os.path.isabs(path) or not image_root) else os.path.join(image_root, path)
 
 
+def image_source(entry, image_root):
+    """Where an entry's image is: a path, or a member of a webdataset shard (``x.tar#key.jpg``, located by
+    ``tar_offset`` / ``tar_size`` when the store has them)."""
+    path = resolve(entry["image"], image_root)
+    if ".tar#" in path:
+        from dataset.shards import TarMember
+        return TarMember(path, entry.get("tar_offset"), entry.get("tar_size"))
+    return path
+
+
 def load_image(path, truncated_ok=True):
     """Open and fully decode as 8-bit RGB; raises on missing or undecodable files (and truncated ones unless
-    ``truncated_ok``, ALBEF's ``LOAD_TRUNCATED_IMAGES``). 16-bit and 32-bit modes are rescaled, not clipped."""
+    ``truncated_ok``, ALBEF's ``LOAD_TRUNCATED_IMAGES``). 16-bit and 32-bit modes are rescaled, not clipped.
+    ``path`` may be a shard member (``x.tar#key.jpg``)."""
     ImageFile.LOAD_TRUNCATED_IMAGES = bool(truncated_ok)   # per process (workers too); cheap to set
+    if ".tar#" in path:
+        from dataset.shards import read_member
+        path = io.BytesIO(read_member(path))
     with Image.open(path) as img:
         img.load()
         return to_rgb(img)
@@ -136,6 +152,26 @@ def require_hard_negatives(ann, files):
                                   "loss is on: hn_itc / cmr_weight / imc_weight; tools/hard_negatives.py writes them)")
 
 
+class ConcatAnnotations:
+    """Several sources (JSON lists, stores) as one sequence, without copying a store's entries."""
+
+    def __init__(self, parts):
+        import bisect
+        self.parts, self._bisect = parts, bisect.bisect_right
+        self.starts = [0]
+        for p in parts:
+            self.starts.append(self.starts[-1] + len(p))
+
+    def __len__(self):
+        return self.starts[-1]
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        k = self._bisect(self.starts, i) - 1
+        return self.parts[k][i - self.starts[k]]
+
+
 class ImageTextDataset(Dataset):
     """Base: robust image reading and per-sample seeding. Subclasses define ``entries`` and ``make``.
 
@@ -154,31 +190,41 @@ class ImageTextDataset(Dataset):
         self.concepts = concepts
 
     def _load(self, files, required, config_key):
+        """The entries of every file in order: JSON lists and memory-mapped stores (``.arrow``) may be mixed.
+        ``self.source_sizes`` keeps each file's count (``train_weights`` weighs them)."""
         files = as_list(files)
-        if any(str(f).endswith(".arrow") for f in files):
-            return self._load_store(files, required, config_key)
-        ann = []
+        tars = [f for f in files if re.search(r"\.tar(::|$)", str(f))]
+        if tars:
+            raise AnnotationError(f"{config_key}: webdataset shards ({tars[:2]}) "
+                                  "are read as a stream only when every source is shards (and GRIT is off); to mix "
+                                  "them with JSON lists or read them by index, convert them once: python -m "
+                                  "dataset.store --ann 'shards/{00000..00099}.tar' --out shards.arrow")
+        parts = []
         for f in files:
-            part = read_json_list(f, required, config_key)
-            if self.concepts is not None:
-                require_kwords(part, f)
-            ann += part
-        return ann
+            if str(f).endswith(".arrow"):
+                part = self._load_store(f, required, config_key)
+            else:
+                part = read_json_list(f, required, config_key)
+                if self.concepts is not None:
+                    require_kwords(part, f)
+            parts.append(part)
+        self.source_sizes = [len(p) for p in parts]
+        self.source_files = files
+        if all(isinstance(p, list) for p in parts):
+            return [a for p in parts for a in p]
+        return parts[0] if len(parts) == 1 else ConcatAnnotations(parts)
 
-    def _load_store(self, files, required, config_key):
-        """A memory-mapped store (dataset/store.py) instead of JSON lists: one file holds the whole corpus."""
+    def _load_store(self, path, required, config_key):
+        """A memory-mapped store (dataset/store.py) instead of a JSON list: no per-entry Python objects."""
         from dataset.store import ArrowAnnotations
-        if len(files) != 1:
-            raise AnnotationError(f"{config_key}: a .arrow store holds the whole corpus; give it alone, not with "
-                                  f"other files ({files}); python -m dataset.store --ann ... converts them into one")
-        if not os.path.isfile(files[0]):
-            raise AnnotationError(f"{config_key}: annotation store not found: {files[0]!r}")
-        ann = ArrowAnnotations(files[0])
+        if not os.path.isfile(path):
+            raise AnnotationError(f"{config_key}: annotation store not found: {path!r}")
+        ann = ArrowAnnotations(path)
         if set(required) - {"image", "caption"}:
             raise AnnotationError(f"{config_key}: a .arrow store serves pretraining entries ({{image, caption}}); "
                                   f"this dataset needs {sorted(required)}")
         if self.concepts is not None and not ann.has("kwords"):
-            raise AnnotationError(f"{files[0]!r}: entries without 'kwords' (config key 'kw_img_model' is true; "
+            raise AnnotationError(f"{path!r}: entries without 'kwords' (config key 'kw_img_model' is true; "
                                   "tools/visual_concepts.py writes them)")
         return ann
 
@@ -251,35 +297,44 @@ class pretrain_dataset(ImageTextDataset):
         self.max_words = max_words
         self.hard_negatives = hard_negatives
         if hard_negatives:
-            if hasattr(self.ann, "has"):   # a store: checked per column, its converter validated the entries
-                if not (self.ann.has("hard_negatives") and self.ann.has("hn_valid")):
-                    raise AnnotationError(f"{ann_file!r}: entries without 'hard_negatives' / 'hn_valid' (a "
-                                          "hard-negative loss is on; tools/hard_negatives.py writes them)")
-            else:
-                require_hard_negatives(self.ann, ann_file)
+            parts = self.ann.parts if isinstance(self.ann, ConcatAnnotations) else [self.ann]
+            for part in parts:
+                if hasattr(part, "has"):   # a store: checked per column, its converter validated the entries
+                    if not (part.has("hard_negatives") and part.has("hn_valid")):
+                        raise AnnotationError(f"{part.path!r}: entries without 'hard_negatives' / 'hn_valid' (a "
+                                              "hard-negative loss is on; tools/hard_negatives.py writes them)")
+                else:
+                    require_hard_negatives(part, ann_file)
 
     def __len__(self):
         return len(self.ann)
 
     def image_path(self, index):
-        return resolve(self.ann[index]["image"], self.image_root)
+        return image_source(self.ann[index], self.image_root)
 
     def __getitem__(self, index):
         image, i, bad = self.read(index)
-        a = self.ann[i]
-        cap, j = a["caption"], None
-        if isinstance(cap, list):   # the same draw as random.choice(cap), keeping the index for its negatives
-            j = random.Random(self.sample_seed(i)).choice(range(len(cap)))
-            cap = cap[j]
-        sample = self.with_concepts((image, pre_caption(cap, self.max_words), i, bad), a, i)
-        if self.hard_negatives:
-            negs, valid = a["hard_negatives"], a["hn_valid"]
-            if j is not None:
-                negs, valid = negs[j], valid[j]
-            valid = [bool(v) and isinstance(t, str) and t.strip() not in ("", INVALID_HN) for t, v in zip(negs, valid)]
-            negs = [pre_caption(t, self.max_words) if ok else "" for t, ok in zip(negs, valid)]
-            sample = (*sample, {"hard_negatives": negs, "hn_valid": valid})
-        return sample
+        return caption_sample(self, image, self.ann[i], i, bad)
+
+
+def caption_sample(ds, image, a, i, bad):
+    """A pretraining sample (image, caption, index, bad[, concepts][, negatives]) of entry ``a`` at index
+    ``i``: the caption drawn from a list with the sample's seed, the same draw picking its negatives."""
+    cap, j = a["caption"], None
+    if isinstance(cap, list):   # the same draw as random.choice(cap), keeping the index for its negatives
+        j = random.Random(ds.sample_seed(i)).choice(range(len(cap)))
+        cap = cap[j]
+    sample = (image, pre_caption(cap, ds.max_words), i, bad)
+    if ds.concepts is not None:
+        sample = (*sample, ds.concept_string(a, i))
+    if ds.hard_negatives:
+        negs, valid = a["hard_negatives"], a["hn_valid"]
+        if j is not None:
+            negs, valid = negs[j], valid[j]
+        valid = [bool(v) and isinstance(t, str) and t.strip() not in ("", INVALID_HN) for t, v in zip(negs, valid)]
+        negs = [pre_caption(t, ds.max_words) if ok else "" for t, ok in zip(negs, valid)]
+        sample = (*sample, {"hard_negatives": negs, "hn_valid": valid})
+    return sample
 
 
 class re_train_dataset(ImageTextDataset):
@@ -298,7 +353,7 @@ class re_train_dataset(ImageTextDataset):
         return len(self.ann)
 
     def image_path(self, index):
-        return resolve(self.ann[index]["image"], self.image_root)
+        return image_source(self.ann[index], self.image_root)
 
     def __getitem__(self, index):
         image, i, bad = self.read(index)
@@ -334,7 +389,7 @@ class re_eval_dataset(ImageTextDataset):
         return len(self.ann)
 
     def image_path(self, index):
-        return resolve(self.ann[index]["image"], self.image_root)
+        return image_source(self.ann[index], self.image_root)
 
     def __getitem__(self, index):
         images, bad = self.read_for_eval(index, self.image_res)

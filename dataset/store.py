@@ -2,6 +2,7 @@
 
     python -m dataset.store --ann data/cc3m.json data/cc12m.json --out data/cc15m.arrow
     python -m dataset.store --ann cc3m_files/*.parquet --out data/cc3m.arrow   # img2dataset --output_format files
+    python -m dataset.store --ann 'cc3m/{00000..00331}.tar' --out data/cc3m.arrow   # --output_format webdataset
 
 At CC3M/CC12M scale a JSON list costs every rank ~392 bytes of Python objects per entry (5 GiB at 14M) and
 seconds of parsing, and forked loader workers copy those pages as they touch reference counts. The store
@@ -67,8 +68,9 @@ def img2dataset_entries(path):
 
 
 def convert(json_files, out, batch_rows=100_000, log=print):
-    """Write ``out`` (atomically) from ALBEF JSON lists and img2dataset shard parquets (``.parquet``), in
-    order; returns the number of entries."""
+    """Write ``out`` (atomically) from ALBEF JSON lists, img2dataset shard parquets (``.parquet``) and
+    webdataset shards (``.tar``: read in place by byte range, see dataset/shards.py), in order; returns the
+    number of entries."""
     import pyarrow as pa
     schema, n = _schema(), 0
     tmp = f"{out}.tmp.{os.getpid()}"
@@ -76,6 +78,9 @@ def convert(json_files, out, batch_rows=100_000, log=print):
         for path in json_files:
             if str(path).endswith(".parquet"):
                 entries = img2dataset_entries(path)
+            elif str(path).endswith(".tar"):   # a webdataset shard: captions + the images' byte ranges
+                from dataset.shards import index_entries
+                entries = index_entries(path, log=log)
             else:
                 with open(path) as f:
                     entries = json.load(f)
@@ -140,9 +145,12 @@ class ArrowAnnotations:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ann", nargs="+", required=True,
-                   help="ALBEF JSON lists and/or img2dataset shard parquets (--output_format files), in order")
+                   help="ALBEF JSON lists, img2dataset shard parquets (--output_format files) and webdataset "
+                   "shards (.tar, brace patterns allowed), in order")
     p.add_argument("--out", required=True, help="the store (.arrow)")
     a = p.parse_args(argv)
+    from dataset.shards import expand
+    a.ann = expand(a.ann)
     for f in a.ann:
         if not os.path.isfile(f):
             sys.exit(f"--ann {f!r}: no such file")

@@ -106,6 +106,35 @@ class BadImageError(RuntimeError):
     pass
 
 
+class StreamPositions(Component):
+    """Where each loader worker (role) of a streamed epoch stands: the newest trained batch's position, saved
+    with this rank's state so a resumed epoch continues each worker's stream (dataset/shards.py)."""
+
+    def __init__(self, stream):
+        self.stream, self.pos = stream, {}
+
+    def on_epoch_start(self, epoch, resumed_mid_epoch=False):
+        if not resumed_mid_epoch:
+            self.pos = {}
+        self.stream.positions = dict(self.pos)
+
+    def on_step_end(self, out, batch, step):
+        role, pos = batch["stream_pos"]
+        self.pos[int(role)] = int(pos)
+
+    def rank_state_dict(self):
+        return {"positions": {str(k): v for k, v in self.pos.items()}, "workers": self.stream.workers}
+
+    def load_rank_state_dict(self, state):
+        if not state:
+            return
+        if int(state.get("workers", -1)) != self.stream.workers:
+            print(f"note: the streamed epoch was saved with {state.get('workers')} loader workers, resumed with "
+                  f"{self.stream.workers}: its rest restarts each worker's stream (samples may repeat)")
+            return
+        self.pos = {int(k): int(v) for k, v in state["positions"].items()}
+
+
 class BadImages(Component):
     """Unreadable images, counted once per requested sample (the dataset reports only the image of the index
     it was asked for, not the replacements it tried). Every ``check_every`` steps the counts are summed over

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from dataset.transforms import normalize_uint8
 from engine import checkpointing as ckpt_io
-from engine.components import BadImageError, BadImages, HardnessStats, StepCounts  # noqa: F401 - re-exported
+from engine.components import BadImageError, BadImages, HardnessStats, StepCounts, StreamPositions  # noqa: F401
 from engine.config import dump_config
 from engine.distributed import all_reduce_sum, barrier, init_distributed
 from engine.logger import MetricLogger, Progress, RunLog
@@ -145,6 +145,7 @@ class Trainer:
         self.components = {**default_components(config), **(components or {})}
         # a component's own sampler (GRIT's grouped order) comes with it; else the resumable random one
         self.sampler = sampler
+        self.stream = isinstance(train_dataset, torch.utils.data.IterableDataset)
         self._persistent = None   # the training loader, when its workers persist across epochs
 
     # ------------------------------------------------------------------ setup
@@ -166,9 +167,23 @@ class Trainer:
         self._prepare_output()
         self.optimizer = create_optimizer(cfg["optimizer"], self.model)
         self.scheduler = create_scheduler(cfg["schedular"], self.optimizer)
-        if self.sampler is None:
+        weights = value(cfg, "train_weights")
+        if self.stream:   # webdataset shards: the stream deals itself out (dataset/shards.py)
+            self.sampler = self.dataset
+            self.components.setdefault("stream", StreamPositions(self.dataset))
+        elif self.sampler is None:
+            sources = None
+            if weights is not None:
+                sizes = getattr(self.dataset, "source_sizes", None)
+                if sizes is None or len(sizes) != len(weights):
+                    raise ValueError(f"config key 'train_weights' has {len(weights)} values for "
+                                     f"{'?' if sizes is None else len(sizes)} train_file sources")
+                sources = list(zip(sizes, weights))
             self.sampler = ResumableDistributedSampler(len(self.dataset), self.batch_size, env.world, env.rank,
-                                                       shuffle=True, seed=self.args.seed)
+                                                       shuffle=True, seed=self.args.seed, sources=sources)
+        elif weights is not None:
+            raise ValueError("config key 'train_weights' cannot weigh this method's own sampler (GRIT's grouped "
+                             "order keeps each item once per epoch); remove it or repeat files in train_file")
         self.n_iters = self.sampler.num_batches
         self.epochs = int(value(cfg, "train_epochs") or cfg["schedular"]["epochs"])   # GRIT: < the schedule
         self.metrics, self.best, self.last_record = MetricLogger(), None, {}
@@ -220,7 +235,7 @@ class Trainer:
         progress = Progress(n_iters, f"Train epoch {epoch}", self.batch_size * env.world, env.main, self.print_freq)
         self.sampler.set_epoch(epoch, first)
         for obj in (self.dataset, self.model):
-            if hasattr(obj, "set_epoch"):
+            if obj is not self.sampler and hasattr(obj, "set_epoch"):
                 obj.set_epoch(epoch)
         for c in self.components.values():
             c.on_epoch_start(epoch, resumed)
@@ -254,19 +269,25 @@ class Trainer:
         with every index."""
         from dataset.sampler import EpochTagged, EpochTaggedDataset
         cfg, workers = self.config, int(value(self.config, "num_workers"))
+        pin = value(cfg, "pin_memory")
+        pin = self.env.device.type == "cuda" if pin is None else bool(pin)
+        prefetch = int(value(cfg, "prefetch_factor")) if workers else None
+        if self.stream:   # workers yield whole batches; a fresh iterator each epoch (the epoch is in the copy)
+            from dataset.shards import StreamCollate
+            return DataLoader(self.dataset, batch_size=None, num_workers=workers, pin_memory=pin,
+                              collate_fn=StreamCollate(self.collate_fn), prefetch_factor=prefetch,
+                              generator=torch.Generator().manual_seed(self.args.seed + epoch))   # not the global RNG
         persistent = workers > 0 and bool(value(cfg, "persistent_workers"))
         if persistent and self._persistent is not None:
             self._persistent.sampler.epoch = epoch
             return self._persistent
-        pin = value(cfg, "pin_memory")
         dataset, sampler = self.dataset, self.sampler
         if persistent:
             dataset, sampler = EpochTaggedDataset(dataset), EpochTagged(sampler)
             sampler.epoch = epoch
         loader = DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=workers,
                             collate_fn=self.collate_fn, drop_last=True,
-                            pin_memory=self.env.device.type == "cuda" if pin is None else bool(pin),
-                            prefetch_factor=int(value(cfg, "prefetch_factor")) if workers else None,
+                            pin_memory=pin, prefetch_factor=prefetch,
                             persistent_workers=persistent,
                             generator=torch.Generator().manual_seed(self.args.seed + epoch))
         if persistent:

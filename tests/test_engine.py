@@ -79,6 +79,32 @@ def mafa_options(tmp_path):
                      "low_threshold": 0.45, "high_threshold": 0.5})
 
 
+def kill_when_saved(config, out, name):
+    """Run Pretrain.py and SIGKILL its process group as soon as checkpoint ``name`` exists (before the end)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(pretrain_cmd(config, out), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not os.path.exists(os.path.join(out, name)) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not os.path.exists(os.path.join(out, "checkpoint_01.pth")), "run finished before it was killed"
+
+
+def grit_runs_end_equal(world, tmp_path, runs):
+    """GRIT pretraining over each ``{name: train_file}``: bitwise the same weights and grouped order after 2
+    epochs (the readers gave the same samples at every step)."""
+    outs = []
+    for name, files in runs.items():
+        cfg = write_config(world, str(tmp_path / f"{name}.yaml"), ckpt_every_steps=0, train_file=files, **GRIT)
+        run(pretrain_cmd(cfg, str(tmp_path / name)))
+        outs.append(load(os.path.join(tmp_path, name, "checkpoint_01.pth")))
+    a, b = outs
+    assert [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])] == []
+    assert torch.equal(a["components"]["grit"]["orders"][2], b["components"]["grit"]["orders"][2])
+
+
 @pytest.mark.parametrize("recipe", ["albef", "grit", "mafa"])
 def test_sigkill_and_resume_ends_with_identical_weights(tiny_world, tmp_path, recipe):
     # grit / mafa: killed while epoch 1 runs in grouped order with a half-full collection queue
@@ -86,16 +112,7 @@ def test_sigkill_and_resume_ends_with_identical_weights(tiny_world, tmp_path, re
     config = write_config(tiny_world, str(tmp_path / "c.yaml"), **extra)
     ref_out, out = str(tmp_path / "ref"), str(tmp_path / "killed")
     run(pretrain_cmd(config, ref_out))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(pretrain_cmd(config, out), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
-    target = os.path.join(out, "checkpoint_step00000015.pth")   # mid-way through epoch 1
-    while not os.path.exists(target) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not os.path.exists(os.path.join(out, "checkpoint_01.pth")), "run finished before it was killed"
+    kill_when_saved(config, out, "checkpoint_step00000015.pth")   # mid-way through epoch 1
     r = run(pretrain_cmd(config, out, "--resume", "latest"))
     assert "resumed from" in r.stdout
     a, b = load(os.path.join(ref_out, "checkpoint_01.pth")), load(os.path.join(out, "checkpoint_01.pth"))

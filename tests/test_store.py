@@ -47,23 +47,16 @@ def test_pretraining_over_the_store_gives_the_json_samples(tiny_world, tmp_path)
     loader = torch.utils.data.DataLoader(from_store, batch_size=4, num_workers=1, collate_fn=list)
     first = next(iter(loader))
     assert first[0][1:] == from_json[0][1:]
-    with pytest.raises(Exception, match="whole corpus"):
-        create_dataset("pretrain", {**base, "train_file": [out, src]})
+    both = create_dataset("pretrain", {**base, "train_file": [out, src]}, seed=3)   # a store and JSON mix
+    assert len(both) == 2 * len(from_json) and both.source_sizes == [len(from_json)] * 2
+    assert both.ann[len(from_json) + 5] == from_json.ann[5] and both.ann[5] == from_store.ann[5]
 
 
 def test_grit_pretraining_over_the_store_ends_as_over_json(tiny_world, tmp_path):
-    """GRIT's grouped order and every step read the same samples: bitwise the same weights after 2 epochs."""
-    from test_engine import GRIT, load, pretrain_cmd, run, write_config
+    from test_engine import grit_runs_end_equal
     store = str(tmp_path / "pre.arrow")
     convert([os.path.join(tiny_world, "pretrain.json")], store, log=lambda *_: None)
-    outs = {}
-    for name, files in (("json", [os.path.join(tiny_world, "pretrain.json")]), ("store", [store])):
-        cfg = write_config(tiny_world, str(tmp_path / f"{name}.yaml"), ckpt_every_steps=0, train_file=files, **GRIT)
-        run(pretrain_cmd(cfg, str(tmp_path / name)))
-        outs[name] = load(os.path.join(tmp_path, name, "checkpoint_01.pth"))
-    a, b = outs["json"], outs["store"]
-    assert [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])] == []
-    assert torch.equal(a["components"]["grit"]["orders"][2], b["components"]["grit"]["orders"][2])
+    grit_runs_end_equal(tiny_world, tmp_path, {"json": [os.path.join(tiny_world, "pretrain.json")], "store": [store]})
 
 
 def test_img2dataset_parquet_rows_become_entries(tmp_path):
