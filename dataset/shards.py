@@ -293,6 +293,11 @@ class ShardStream(torch.utils.data.IterableDataset):
         if self.num_batches == 0:
             raise ValueError(f"{self.num_samples} samples per epoch are fewer than one global batch "
                              f"({batch_size} x {world} ranks)")
+        per_epoch = len(self.epoch_shards(0))
+        if per_epoch < world * self.workers:
+            raise AnnotationError(f"{config_key}: {per_epoch} shards per epoch cannot feed {world} ranks x "
+                                  f"{self.workers} loader workers (each reads its own shards): lower config key "
+                                  "'num_workers' or write smaller shards")
         self.epoch, self.start_batch, self.positions = 0, 0, {}
 
     # the trainer's sampler protocol

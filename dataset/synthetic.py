@@ -562,8 +562,13 @@ def main():
     p.add_argument("--n_val", type=int, default=200)
     p.add_argument("--n_test", type=int, default=200)
     p.add_argument("--size", type=int, default=96, help="image side in pixels")
+    p.add_argument("--shard_size", type=int, default=500, help="pretraining pairs per webdataset shard (0: none)")
     a = p.parse_args()
     stats = build_world(a.out, a.seed, a.n_train, a.n_val, a.n_test, size=a.size)
+    if a.shard_size:   # the same pairs as img2dataset would write them (configs/demo/Pretrain_shards.yaml)
+        from dataset.shards import write_shards
+        with open(os.path.join(a.out, "pretrain.json")) as f:
+            write_shards(json.load(f), a.out, os.path.join(a.out, "shards"), a.shard_size)
     print(json.dumps({"out": a.out, **stats}))
 
 

@@ -128,6 +128,8 @@ def test_weighted_shard_sources(tiny_world, shards):
     assert sorted(k for k in order if k < 4) == [0, 0, 1, 1, 2, 2, 3, 3] and len([k for k in order if k >= 4]) == 2
     with pytest.raises(ValueError, match="train_weights"):
         ShardStream([shards["paths"]], lambda x: x, 30, batch_size=8, weights=[1, 2])
+    with pytest.raises(ValueError, match="cannot feed 2 ranks x 2 loader workers"):
+        ShardStream(shards["paths"][:3], lambda x: x, 30, batch_size=8, world=2, workers=2)
 
 
 COVERAGE = """
