@@ -209,7 +209,6 @@ class ImageTextDataset(Dataset):
                     require_kwords(part, f)
             parts.append(part)
         self.source_sizes = [len(p) for p in parts]
-        self.source_files = files
         if all(isinstance(p, list) for p in parts):
             return [a for p in parts for a in p]
         return parts[0] if len(parts) == 1 else ConcatAnnotations(parts)

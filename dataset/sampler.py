@@ -52,8 +52,7 @@ class ResumableDistributedSampler(Sampler):
         pool = self._pool(epoch)
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + epoch)
-            order = pool[torch.randperm(len(pool), generator=g)] if self.sources else torch.randperm(self.n,
-                                                                                                  generator=g)
+            order = pool[torch.randperm(len(pool), generator=g)]   # without sources: randperm(n) itself
         else:
             order = pool
         per_rank = self.num_batches * self.batch_size

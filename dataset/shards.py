@@ -16,6 +16,7 @@ metadata; ours may add ``kwords``, ``hard_negatives``, ``hn_valid`` and a captio
 """
 import argparse
 import io
+import itertools
 import json
 import os
 import random
@@ -188,8 +189,10 @@ def read_member(ref):
 
 def index_entries(path, log=print):
     """Store entries of one shard: the caption and fields of each sample (``.json``, else ``.txt``), the image
-    as ``path#member`` with ``tar_offset`` / ``tar_size``. A sample without an image or a caption is left out
-    and counted; a cut shard keeps its whole samples."""
+    as ``path#member`` with ``tar_offset`` / ``tar_size``, the path made absolute (``image_root`` does not
+    apply to it; moved shards are converted again). A sample without an image or a caption is left out and
+    counted; a cut shard keeps its whole samples."""
+    path = os.path.abspath(path)
     members, cut = list_members(path)
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -284,7 +287,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.sizes = sizes
         # a sample's idx is its place in the shard list (shards as one corpus, as the store numbers it), so
         # it seeds the same caption draw and augmentation; without sizes, shard number << 24 + place
-        self.offsets = None if sizes is None else [sum(sizes[:k]) for k in range(len(sizes))]
+        self.offsets = None if sizes is None else [0, *itertools.accumulate(sizes)][:-1]
         if num_samples is None:
             num_samples = sum(round(w * sum(n for n, src in zip(sizes, self.source_of) if src == s))
                               for s, w in enumerate(weights))
@@ -348,7 +351,6 @@ class ShardStream(torch.utils.data.IterableDataset):
         return True
 
     def __iter__(self):
-        from itertools import islice
         info = torch.utils.data.get_worker_info()
         workers, wid = (info.num_workers, info.id) if info else (1, 0)
         if workers != self.workers:
@@ -362,7 +364,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                                f"{workers} workers on this rank): use fewer num_workers or more shards")
         pos = int(self.positions.get(role, 0)) if self.start_batch else 0
         batch, bad = StreamBatch(), []
-        for sample in islice(self._raw(mine, role), pos, None):
+        for sample in itertools.islice(self._raw(mine, role), pos, None):
             pos += 1
             item = self._decode(sample, bad)
             if item is None:
