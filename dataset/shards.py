@@ -27,6 +27,7 @@ import zlib
 from collections import OrderedDict
 
 import torch
+from PIL import Image, ImageFile
 
 from dataset.caption_dataset import AnnotationError, ImageTextDataset, caption_sample, seeded, to_rgb
 
@@ -382,7 +383,6 @@ class ShardStream(torch.utils.data.IterableDataset):
     concept_string = ImageTextDataset.concept_string
 
     def _decode(self, sample, bad):
-        from PIL import Image, ImageFile
         key = f"{sample.get('__url__')}#{sample.get('__key__')}"
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
         try:
