@@ -22,13 +22,10 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.data_pipeline import DEFAULT_ROOT, _one_thread   # noqa: E402
 from dataset import create_dataset   # noqa: E402
 from dataset.shards import StreamCollate, write_shards   # noqa: E402
 from dataset.store import convert   # noqa: E402
-
-DEFAULT_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                            "shared", "data", "coco_mini")
-
 
 def photos(root, tmp):
     found = sorted(glob.glob(os.path.join(root, "**", "*.jpg"), recursive=True)) if os.path.isdir(root) else []
@@ -43,10 +40,6 @@ def photos(root, tmp):
         Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(p, quality=90)
         out.append(p)
     return out, "64 synthetic 640x480 JPEGs (no --root)"
-
-
-def _one_thread(_):
-    torch.set_num_threads(1)
 
 
 def measure(dataset, workers, batch, stream):

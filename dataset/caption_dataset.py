@@ -77,9 +77,9 @@ def image_source(entry, image_root):
 def load_image(path, truncated_ok=True):
     """Open and fully decode as 8-bit RGB; raises on missing or undecodable files (and truncated ones unless
     ``truncated_ok``, ALBEF's ``LOAD_TRUNCATED_IMAGES``). 16-bit and 32-bit modes are rescaled, not clipped.
-    ``path`` may be a shard member (``x.tar#key.jpg``)."""
+    ``path`` may be a shard member (``x.tar#key.jpg``) or a file object (a streamed member's bytes)."""
     ImageFile.LOAD_TRUNCATED_IMAGES = bool(truncated_ok)   # per process (workers too); cheap to set
-    if ".tar#" in path:
+    if isinstance(path, str) and ".tar#" in path:
         from dataset.shards import read_member
         path = io.BytesIO(read_member(path))
     with Image.open(path) as img:

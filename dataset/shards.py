@@ -27,9 +27,8 @@ import zlib
 from collections import OrderedDict
 
 import torch
-from PIL import Image, ImageFile
 
-from dataset.caption_dataset import AnnotationError, ImageTextDataset, caption_sample, seeded, to_rgb
+from dataset.caption_dataset import AnnotationError, ImageTextDataset, caption_sample, load_image, resolve, seeded
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 FIELDS = ("caption", "kwords", "hard_negatives", "hn_valid")   # what a sample's .json may carry for us
@@ -74,8 +73,7 @@ def write_shards(entries, image_root, out_dir, shard_size=10000, log=print):
         with TarWriter(tmp) as w:
             for j, e in enumerate(entries[start:start + shard_size]):
                 key = f"{s:05d}{j:04d}"
-                path = e["image"] if os.path.isabs(e["image"]) or not image_root else os.path.join(image_root,
-                                                                                                  e["image"])
+                path = resolve(e["image"], image_root)
                 ext = os.path.splitext(path)[1].lstrip(".").lower() or "jpg"
                 with open(path, "rb") as f:
                     data = f.read()
@@ -392,10 +390,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                 entry["caption"] = sample["txt"].decode("utf-8")
             if ext is None:
                 raise KeyError("no image member")
-            ImageFile.LOAD_TRUNCATED_IMAGES = bool(self.truncated_ok)
-            with Image.open(io.BytesIO(sample[ext])) as img:
-                img.load()
-                img = to_rgb(img)
+            img = load_image(io.BytesIO(sample[ext]), self.truncated_ok)
         except Exception as e:   # noqa: BLE001 - an unreadable sample is dropped and counted, never a crash
             bad.append(f"{key}.{ext or '?'} ({type(e).__name__})")
             return None
