@@ -10,7 +10,7 @@ import torch
 
 from dataset import create_dataset
 from engine.config import base_parser, parse_launcher
-from engine.trainer import Trainer, setup
+from engine.trainer import Trainer, launch, setup
 from models.clip_model import CLIPWithHardNegatives, build_open_clip
 
 
@@ -45,4 +45,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    launch(main)

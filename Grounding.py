@@ -10,6 +10,7 @@ box. Accuracy per split (``val_d``, ``testA_d``, ``testB_d``) goes to ``results.
 the checkpoint is selected on ``val_d``, and PNGs of the first expressions go to ``result/pictures_<tag>/``.
 """
 from engine.grounding import main
+from engine.trainer import launch
 
 if __name__ == "__main__":
-    main()
+    launch(main)

@@ -9,6 +9,7 @@ copies of the loaded ones) or a pretraining one (ALBEF's layer duplication appli
 (``val_file``) every epoch selects ``checkpoint_best.pth``; the test split is evaluated once, with it.
 """
 from engine.classify import main
+from engine.trainer import launch
 
 if __name__ == "__main__":
-    main("nlvr", "ALBEF NLVR2", "./configs/NLVR.yaml", "output/NLVR")
+    launch(lambda: main("nlvr", "ALBEF NLVR2", "./configs/NLVR.yaml", "output/NLVR"))

@@ -6,17 +6,19 @@ MAFA's own Pretrain.yaml work unchanged; MAFA's filter comes with MAFA's flags (
 """
 from dataset import TextCollate, batch_concepts, batch_hard_negatives, create_dataset
 from dataset.grit import Grit, GroupedSampler
+from dataset.caption_dataset import as_list
 from engine.config import base_parser, parse_launcher
+from engine.logger import final_summary
 from engine.ecm_filter import build_discriminator
 from engine.retrieval_eval import Results, evaluate_split
-from engine.trainer import Trainer, build
+from engine.splits import check_split
+from engine.trainer import Trainer, build, launch
 from models.model_pretrain import ALBEF
 from schema import value
 
 
-def zero_shot_eval(config, tokenizer, env, trainer):
+def zero_shot_eval(config, tokenizer, env, trainer, dataset):
     """Retrieval on ``test_file`` with the pretraining model's encoders (ALBEF's procedure)."""
-    dataset = create_dataset("re_test", config)
     results = Results(trainer.output_dir, env.main)
 
     def run(model, epoch):
@@ -69,10 +71,16 @@ def main():
         sampler, components["grit"] = grit_component(config, env, dataset, int(value(config, "batch_size")),
                                                      args.seed)
     trainer = Trainer(args, config, env, model, dataset, collate, step, components=components, sampler=sampler)
-    if config.get("test_file"):
-        trainer.evaluate_fn = zero_shot_eval(config, tokenizer, env, trainer)
-    trainer.fit(resume=args.resume)
+    test = create_dataset("re_test", config) if config.get("test_file") else None
+    if test is not None and check_split(config, "test_file", "test", len(test)):
+        trainer.evaluate_fn = zero_shot_eval(config, tokenizer, env, trainer, test)
+    record = trainer.fit(resume=args.resume)
+    what = f"pretraining, {trainer.epochs} epochs"
+    if trainer.evaluate_fn is not None:
+        what += f"; zero-shot retrieval on {', '.join(as_list(config['test_file']))}"
+    final_summary(what, {k[len("test_"):]: v for k, v in record.items() if k.startswith("test_")}, Results.COLUMNS,
+                  args.output_dir, f"epoch {record['epoch']}" if "epoch" in record else None)
 
 
 if __name__ == "__main__":
-    main()
+    launch(main)

@@ -9,7 +9,7 @@ mapped as ALBEF does (fusion layer n -> layers 2n-6 and 2n-5); ``checkpoint_00.p
 """
 from dataset import TextCollate, batch_concepts, create_dataset
 from engine.config import base_parser, parse_launcher
-from engine.trainer import Trainer, build
+from engine.trainer import Trainer, build, launch
 from models.base import bert_config_from
 from models.checkpoint import remap_nlvr_pretrain
 from models.model_nlvr import nlvr_num_layers
@@ -36,4 +36,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    launch(main)

@@ -7,9 +7,12 @@ The checkpoint is selected on the validation split (``checkpoint_best.pth``); th
 evaluated once, with that checkpoint. Results go to ``output_dir/results.jsonl`` and ``results.md``.
 """
 from dataset import TextCollate, batch_concepts, create_dataset
+from dataset.caption_dataset import as_list
 from engine.config import base_parser, parse_launcher
+from engine.logger import final_summary
 from engine.retrieval_eval import Results, evaluate_split
-from engine.trainer import Trainer, autocast_context, build
+from engine.splits import check_split, selection_metric
+from engine.trainer import Trainer, autocast_context, build, launch
 from models.checkpoint import strip_bert
 from models.model_retrieval import ALBEF
 from schema import value
@@ -23,6 +26,8 @@ def main():
     env, tokenizer, model = build(args, config, ALBEF, remap=strip_bert)
     val = create_dataset("re_val", config) if config.get("val_file") else None
     test = create_dataset("re_test", config) if config.get("test_file") else None
+    val = val if val is not None and check_split(config, "val_file", "val", len(val)) else None
+    test = test if test is not None and check_split(config, "test_file", "test", len(test)) else None
     results = Results(args.output_dir, env.main)
 
     def evaluate(m, split, dataset, autocast, **info):
@@ -47,16 +52,19 @@ def main():
         return m(batch["image"], text, alpha=alpha, idx=batch["idx"], concepts=batch_concepts(batch))
 
     trainer = Trainer(args, config, env, model, train, collate, step, batch_size_key="batch_size_train",
-                      select_metric="val_r_mean" if val is not None else None)
+                      select_metric=selection_metric(config, "val_r_mean", val is not None))
     if val is not None:
         trainer.evaluate_fn = lambda m, epoch: {f"val_{k}": v for k, v in
                                                 evaluate(m, "val", val, trainer.autocast, epoch=epoch).items()
                                                 if k not in ("split", "epoch")}
     trainer.fit(resume=args.resume)
     if test is None:
-        return
-    evaluate(model, "test", test, trainer.autocast, **trainer.load_best())
+        return final_summary("retrieval finetuning (no test split)", trainer.last_record, (), args.output_dir)
+    info = trainer.load_best()
+    row = evaluate(model, "test", test, trainer.autocast, **info)
+    final_summary(f"retrieval, test split {', '.join(as_list(config['test_file']))}", row, Results.COLUMNS,
+                  args.output_dir, info["checkpoint"])
 
 
 if __name__ == "__main__":
-    main()
+    launch(main)

@@ -7,6 +7,7 @@ From a pretraining checkpoint (``text_encoder.bert.*`` renamed, as ALBEF) or a f
 the dev split selects ``checkpoint_best.pth``; the test split is evaluated once, with it.
 """
 from engine.classify import main
+from engine.trainer import launch
 
 if __name__ == "__main__":
-    main("ve", "ALBEF SNLI-VE", "./configs/VE.yaml", "output/VE")
+    launch(lambda: main("ve", "ALBEF SNLI-VE", "./configs/VE.yaml", "output/VE"))

@@ -10,8 +10,10 @@ file; where the test annotations hold answers, the official VQA accuracy is comp
 """
 from dataset import batch_concepts, create_dataset
 from dataset.vqa_dataset import VQACollate
+from dataset.caption_dataset import as_list
 from engine.config import base_parser, parse_launcher
-from engine.trainer import Trainer, autocast_context, build
+from engine.logger import final_summary
+from engine.trainer import Trainer, autocast_context, build, launch
 from engine.vqa_eval import evaluator
 from models.base import bert_config_from
 from models.checkpoint import remap_vqa
@@ -34,7 +36,8 @@ def main():
     evaluate = evaluator(config, tokenizer, env.device, args.output_dir, "test", autocast)
     if args.evaluate:
         model.to(env.device)
-        evaluate(model, "evaluate")
+        if evaluate is not None:
+            evaluate(model, "evaluate")
         return
 
     train = create_dataset("vqa_train", config, seed=args.seed)
@@ -47,9 +50,13 @@ def main():
                  concepts=batch_concepts(batch))
 
     trainer = Trainer(args, config, env, model, train, collate, step, batch_size_key="batch_size_train",
-                      evaluate_fn=lambda m, epoch: evaluate(m, f"epoch{epoch}"))   # ALBEF: after the last epoch
-    trainer.fit(resume=args.resume)
+                      evaluate_fn=evaluate and (lambda m, epoch: evaluate(m, f"epoch{epoch}")))   # ALBEF: last epoch
+    record = trainer.fit(resume=args.resume)
+    final_summary(f"VQA, test split {', '.join(as_list(config['test_file']))}",
+                  {k[len("test_"):]: v for k, v in record.items() if k.startswith("test_")},
+                  ("accuracy", "accuracy_yes/no", "accuracy_number", "accuracy_other"), args.output_dir,
+                  f"epoch {record['epoch']}, the last" if "epoch" in record else None)
 
 
 if __name__ == "__main__":
-    main()
+    launch(main)

@@ -163,6 +163,10 @@ GROUPS = {
         "print_freq": K("int", 50, "steps between log lines (and bad-image checks)", lo=1),
         "ckpt_every_steps": K("int", 0, "mid-epoch checkpoint interval (0: epoch ends only)", lo=0),
         "ckpt_keep_last": K("int", 2, "mid-epoch checkpoints kept", lo=0),
+        "empty_splits": K("str", "error", "an evaluation split with no examples: stop at start-up naming its file, "
+                          "or skip it with a warning (no metric written)", choices=("error", "skip")),
+        "model_selection": K("str", "val", "finetuning: test checkpoint_best.pth selected on the val split, or the "
+                             "last epoch's weights (needed without a val split)", choices=("val", "last")),
         "eval_every": K("int", None, "epochs between evaluations (retrieval: 1); the last epoch always", lo=1),
         "eval_pair_batch": K("int", 1024, "(image, text) pairs per ITM pass at evaluation", lo=1),
         "tensorboard": K("bool", True, "TensorBoard scalars"),

@@ -20,13 +20,9 @@ import torch
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
-from dataset.utils import pre_caption, sample_concepts
+from dataset.utils import AnnotationError, pre_caption, sample_concepts  # noqa: F401 - AnnotationError re-exported
 
 Image.MAX_IMAGE_PIXELS = None   # large web images are fine (ALBEF too)
-
-
-class AnnotationError(ValueError):
-    pass
 
 
 def read_json_list(path, required, config_key):
@@ -208,17 +204,25 @@ class ImageTextDataset(Dataset):
                 if self.concepts is not None:
                     require_kwords(part, f)
             parts.append(part)
-        self.source_sizes = [len(p) for p in parts]
+        self.source_files, self.source_sizes = files, [len(p) for p in parts]
         if all(isinstance(p, list) for p in parts):
             return [a for p in parts for a in p]
         return parts[0] if len(parts) == 1 else ConcatAnnotations(parts)
+
+    def source_of(self, i):
+        """Where entry ``i`` is read from, for messages: ``'file.json', entry j`` (numbered within its file)."""
+        for f, n in zip(self.source_files, self.source_sizes):
+            if i < n:
+                return f"{f!r}, entry {i}"
+            i -= n
+        return f"entry {i}"
 
     def _load_store(self, path, required, config_key):
         """A memory-mapped store (dataset/store.py) instead of a JSON list: no per-entry Python objects."""
         from dataset.store import ArrowAnnotations
         if not os.path.isfile(path):
             raise AnnotationError(f"{config_key}: annotation store not found: {path!r}")
-        ann = ArrowAnnotations(path)
+        ann = ArrowAnnotations(path, config_key)
         if set(required) - {"image", "caption"}:
             raise AnnotationError(f"{config_key}: a .arrow store serves pretraining entries ({{image, caption}}); "
                                   f"this dataset needs {sorted(required)}")

@@ -51,7 +51,7 @@ class cls_dataset(ImageTextDataset):
                                          "label": (str, bool)}, config_key)
         self.targets = []
         for i, a in enumerate(self.ann):
-            where = f"{config_key}, entry {i}"
+            where = f"{config_key} {self.source_of(i)}"
             if t.n_images > 1 and (len(a["images"]) != t.n_images or not all(isinstance(p, str) for p in a["images"])):
                 raise AnnotationError(f"{where}: field 'images' must hold {t.n_images} paths, got {a['images']!r}")
             if a["label"] not in t.labels:
@@ -113,7 +113,7 @@ class ClsCollate:
         out = {"image": images, "input_ids": text["input_ids"], "attention_mask": text["attention_mask"],
                "label": torch.tensor([b[2] for b in batch], dtype=torch.long),
                "idx": torch.tensor([b[3] for b in batch], dtype=torch.long),
-               "bad": [p for b in batch for p in b[4]], "n": len(batch)}
+               "bad": [p for b in batch for p in b[4]], "n": len(batch), "texts_cut": getattr(text, "texts_cut", 0)}
         if len(batch[0]) > 5:
             strings = [b[5][k] for k in range(n_img) for b in batch]
             out["kw_input_ids"], out["kw_attention_mask"] = tokenize_concepts(self.tokenizer, strings,

@@ -21,7 +21,6 @@ import json
 import os
 import random
 import re
-import sys
 import tarfile
 import zlib
 from collections import OrderedDict
@@ -224,8 +223,9 @@ def index_entries(path, log=print):
 
 # ------------------------------------------------------------------ streaming
 class StreamBatch(list):
-    """One worker's batch of samples, with the worker's role and its position in its stream after it."""
-    role, pos = 0, 0
+    """One worker's batch of samples, with the worker's role, its position in its stream after it, and the
+    shards it found cut short since its previous batch."""
+    role, pos, cut = 0, 0, ()
 
 
 class StreamCollate:
@@ -238,6 +238,7 @@ class StreamCollate:
     def __call__(self, batch):
         out = self.collate_fn(list(batch))
         out["stream_pos"] = (batch.role, batch.pos)
+        out["shards_cut"] = list(batch.cut)
         out["n"] = out.get("n", len(batch)) + len(out.get("bad", []))
         return out
 
@@ -301,6 +302,7 @@ class ShardStream(torch.utils.data.IterableDataset):
                                   f"{self.workers} loader workers (each reads its own shards): lower config key "
                                   "'num_workers' or write smaller shards")
         self.epoch, self.start_batch, self.positions = 0, 0, {}
+        self.cut = []   # (shard, samples read, samples expected, error) of shards cut short, not yet reported
 
     # the trainer's sampler protocol
     def set_epoch(self, epoch, start_batch=0):
@@ -334,20 +336,22 @@ class ShardStream(torch.utils.data.IterableDataset):
 
             def numbered():
                 for sid in ids:
-                    src = iter(wds.tariterators.tarfile_samples([{"url": self.shards[sid]}], handler=self._shard_error))
+                    errors = []
+                    src = iter(wds.tariterators.tarfile_samples([{"url": self.shards[sid]}],
+                                                                handler=lambda e: errors.append(e) or True))
+                    j = -1
                     for j, sample in enumerate(src):
                         # one image, one idx (ITC's positives), repeated shards too
                         sample["__idx__"] = (sid << 24) + j if self.offsets is None else self.offsets[sid] + j
                         found[0] += 1
                         yield sample
+                    if errors:   # reported with the next batch; the trainer warns once per shard and run
+                        self.cut.append((self.shards[sid], j + 1, None if self.sizes is None else self.sizes[sid],
+                                         f"{type(errors[0]).__name__}: {errors[0]}"[:200]))
             yield from _shuffle(numbered(), self.shuffle_buffer, min(self.shuffle_buffer, 100),
                                 rng=random.Random(zlib.crc32(f"buffer:{tag}".encode())))
             if not found[0]:
                 raise RuntimeError(f"shards {[self.shards[i] for i in ids[:3]]}... hold no readable samples")
-
-    def _shard_error(self, exn):
-        print(f"warning: shard read error, rest of the shard skipped: {exn}", file=sys.stderr)
-        return True
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -372,6 +376,7 @@ class ShardStream(torch.utils.data.IterableDataset):
             bad = []
             if len(batch) == self.batch_size:
                 batch.role, batch.pos = role, pos
+                batch.cut, self.cut = self.cut, []
                 yield batch
                 batch, quota = StreamBatch(), quota - 1
                 if quota <= 0:

@@ -18,6 +18,8 @@ import json
 import os
 import sys
 
+from dataset.utils import AnnotationError
+
 KNOWN = ("image", "caption", "kwords", "hard_negatives", "hn_valid")
 
 
@@ -101,11 +103,23 @@ class ArrowAnnotations:
     maps the file itself on first use (a forked worker does not share the parent's reader), so no per-entry
     Python object exists until an entry is read."""
 
-    def __init__(self, path):
+    def __init__(self, path, config_key="train_file"):
         if not os.path.isfile(path):
             raise FileNotFoundError(path)
         self.path, self._pid, self._table = path, None, None
-        self._n = self.table.num_rows
+        import pyarrow as pa
+        rebuild = (f"rebuild it from the source annotations: python -m dataset.store --ann <JSON lists / shards> "
+                   f"--out {path}")
+        try:
+            table = self.table
+        except (pa.ArrowException, OSError) as e:   # cut short (a killed copy), or not an Arrow IPC file at all
+            raise AnnotationError(f"{config_key}: {path!r} is not a readable annotation store ({e}); {rebuild}") \
+                from None
+        missing = [c for c in _schema().names if c not in table.column_names]
+        if missing:
+            raise AnnotationError(f"{config_key}: {path!r} is an Arrow file but not an annotation store (no columns "
+                                  f"{missing}); {rebuild}")
+        self._n = table.num_rows
 
     @property
     def table(self):

@@ -5,6 +5,10 @@ import re
 _DROP = re.compile(r"[,.'!?\"()*#:;~]")
 
 
+class AnnotationError(ValueError):
+    """Bad annotations: the message names the config key, the file and the entry."""
+
+
 def pre_caption(caption, max_words=30):
     caption = _DROP.sub("", caption.lower()).replace("-", " ").replace("/", " ").replace("<person>", "person")
     caption = re.sub(r"\s{2,}", " ", caption)

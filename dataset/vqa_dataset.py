@@ -34,10 +34,10 @@ class vqa_dataset(ImageTextDataset):
         self.ann = self._load(ann_file, required, config_key)
         for i, a in enumerate(self.ann):
             if a.get("dataset", "vqa") not in ("vqa", "vg"):
-                raise AnnotationError(f"{config_key}, entry {i}: field 'dataset' must be 'vqa' or 'vg', got "
+                raise AnnotationError(f"{config_key} {self.source_of(i)}: field 'dataset' must be 'vqa' or 'vg', got "
                                       f"{a.get('dataset')!r}")
             if split == "train" and isinstance(a["answer"], list) and not a["answer"]:
-                raise AnnotationError(f"{config_key}, entry {i}: field 'answer' is an empty list")
+                raise AnnotationError(f"{config_key} {self.source_of(i)}: field 'answer' is an empty list")
         root = {"vqa": vqa_root, "vg": vg_root}
         for name in {a.get("dataset", "vqa") for a in self.ann}:
             if not root[name]:
@@ -97,7 +97,7 @@ class VQACollate:
         questions = [b[1] for b in batch]
         q = tok(questions, padding="longest", truncation=self.train, max_length=self.max_length if self.train else None)
         out = {"image": images, "question_ids": q["input_ids"], "question_mask": q["attention_mask"],
-               "n": len(batch)}
+               "n": len(batch), "texts_cut": getattr(q, "texts_cut", 0)}
         if self.train:
             answers = [a for b in batch for a in b[2]]
             ans = tok(answers, padding="longest")

@@ -14,33 +14,85 @@ from models.checkpoint import load_file
 LATEST = "latest"   # a text file in output_dir naming the newest checkpoint
 
 
-def _write_atomic(path, write, mode):
+class _Tracked:
+    """The file a save writes through: counts the bytes and keeps the first OSError of a write, because torch's
+    zip writer reports a failed write (a full disk) as a RuntimeError ("unexpected pos ...")."""
+
+    def __init__(self, f):
+        self.f, self.written, self.error = f, 0, None
+
+    def write(self, data):
+        try:
+            n = self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+        self.written += len(data)
+        return n
+
+    def __getattr__(self, name):   # flush, fileno, ... of the real file
+        return getattr(self.f, name)
+
+
+def payload_bytes(obj, seen=None):
+    """About the bytes ``obj`` takes once saved: its tensors' storages (each once) and its strings."""
+    seen = set() if seen is None else seen
+    if torch.is_tensor(obj):
+        st = obj.untyped_storage()
+        key = (st.data_ptr(), st.nbytes())
+        if key in seen:
+            return 0
+        seen.add(key)
+        return st.nbytes()
+    if isinstance(obj, dict):
+        return sum(payload_bytes(k, seen) + payload_bytes(v, seen) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return sum(payload_bytes(v, seen) for v in obj)
+    if isinstance(obj, (str, bytes)):
+        return len(obj)
+    return 8
+
+
+def _mib(n):
+    return f"{n / 2 ** 20:.1f} MiB"
+
+
+def _write_atomic(path, write, mode, needed=None):
     """Write to a temporary file in the same folder, fsync, then rename: a kill leaves the old file intact.
-    A failed write (a full disk) removes the temporary file and names the path and the free space."""
+    A failed write (a full disk) removes the temporary file at once and names the path, the bytes the file
+    needs and the free space; the file it replaces (the previous checkpoint, ``latest``) stays as it was."""
     tmp = f"{path}.tmp.{os.getpid()}"
+    tracked = None
     try:
         with open(tmp, mode) as f:
-            write(f)
+            tracked = _Tracked(f)
+            write(tracked)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except Exception as e:
         with contextlib.suppress(OSError):
             os.remove(tmp)
+        cause = e if isinstance(e, OSError) else (tracked.error if tracked is not None else None)
+        if cause is None:   # not a write failure (an unpicklable object, ...): as it was raised
+            raise
         folder = os.path.dirname(os.path.abspath(path))
         try:
-            free = f"{shutil.disk_usage(folder).free / 2 ** 30:.2f} GiB free in {folder}"
+            free = f"{_mib(shutil.disk_usage(folder).free)} free in {folder}"
         except OSError:
             free = f"free space of {folder} unknown"
-        raise OSError(e.errno, f"could not write {path!r}: {e.strerror or e} ({free})") from None
+        need = f"needs about {_mib(needed)}" if needed else "size unknown"
+        wrote = f", {_mib(tracked.written)} written when it failed" if tracked is not None and tracked.written else ""
+        raise OSError(cause.errno, f"could not write {path!r}: {cause.strerror or cause} ({need}{wrote}; {free}); "
+                      "the partial file was removed") from None
 
 
 def atomic_save(obj, path):
-    _write_atomic(path, lambda f: torch.save(obj, f), "wb")
+    _write_atomic(path, lambda f: torch.save(obj, f), "wb", needed=payload_bytes(obj))
 
 
 def atomic_write_text(text, path):
-    _write_atomic(path, lambda f: f.write(text), "w")
+    _write_atomic(path, lambda f: f.write(text), "w", needed=len(text.encode()))
 
 
 def rng_state():

@@ -16,7 +16,9 @@ import torch
 from dataset import batch_concepts, create_dataset, shard_loader
 from dataset.cls_dataset import TASKS, ClsCollate
 from engine.config import base_parser, parse_launcher
-from engine.logger import Results
+from dataset.caption_dataset import as_list
+from engine.logger import Results, final_summary
+from engine.splits import check_split, selection_metric, with_texts_cut
 from engine.trainer import Trainer, autocast_context, build
 from schema import ConfigError, value
 from utils import all_reduce_sum, is_main_process, save_result
@@ -32,8 +34,9 @@ def predict(model, dataset, tokenizer, config, device, autocast=None):
     n_cls = len(dataset.task.classes)
     confusion = torch.zeros(n_cls, n_cls, dtype=torch.float64, device=device)
     loader = shard_loader(dataset, config, ClsCollate(tokenizer, value(config, "vc_max_tokens")))
-    rows, bad = [], 0
+    rows, bad, cut = [], 0, 0
     for batch in loader:
+        cut += batch.get("texts_cut", 0)
         concepts = batch_concepts(batch)
         if concepts is not None:
             concepts = tuple(c.to(device) for c in concepts)
@@ -49,7 +52,7 @@ def predict(model, dataset, tokenizer, config, device, autocast=None):
                          "prediction": dataset.task.classes[p]})
         bad += len(batch["bad"])
     model.train(was_training)
-    return rows, confusion, bad
+    return rows, confusion, bad, cut
 
 
 def metrics_from(confusion, classes):
@@ -67,14 +70,15 @@ def metrics_from(confusion, classes):
 
 def evaluate(model, dataset, tokenizer, config, device, result_dir, tag, autocast=None):
     """Collective: metrics of one split on every rank; rank 0 writes the predictions file."""
-    rows, confusion, bad = predict(model, dataset, tokenizer, config, device, autocast)
+    rows, confusion, bad, cut = predict(model, dataset, tokenizer, config, device, autocast)
     confusion = all_reduce_sum(confusion)
-    bad = int(all_reduce_sum(torch.tensor([bad], dtype=torch.float64)).item())
+    bad, cut = (int(x) for x in all_reduce_sum(torch.tensor([bad, cut], dtype=torch.float64)).tolist())
     merged = save_result(rows, result_dir, f"{dataset.task.name}_{tag}", key="index")
     metrics = metrics_from(confusion, dataset.task.classes)
     if bad:
         metrics["unreadable_images"] = bad
         print(f"{bad} unreadable evaluation images read as blank ones")
+    metrics = with_texts_cut(metrics, cut, "sentences")
     if is_main_process() and len(merged) != metrics["examples"]:
         raise RuntimeError(f"{tag}: {len(merged)} predictions for {metrics['examples']} counted examples")
     return metrics
@@ -108,6 +112,7 @@ def main(task, description, default_config, default_output):
         remap = strip_bert
     env, tokenizer, model = build(args, config, MODELS[task], remap=remap)
     splits = {s: create_dataset(f"{task}_{s}", config) for s in ("val", "test") if config.get(f"{s}_file")}
+    splits = {s: d for s, d in splits.items() if check_split(config, f"{s}_file", s, len(d))}
     classes = TASKS[task].classes
     results = Results(args.output_dir, env.main, columns=("accuracy", *(f"acc_{c}" for c in classes)))
     result_dir = os.path.join(args.output_dir, "result")
@@ -134,14 +139,18 @@ def main(task, description, default_config, default_output):
                               concepts=batch_concepts(batch))}
 
     trainer = Trainer(args, config, env, model, train, collate, step, batch_size_key="batch_size_train",
-                      select_metric="val_accuracy" if "val" in splits else None)
+                      select_metric=selection_metric(config, "val_accuracy", "val" in splits))
     if "val" in splits:
         trainer.evaluate_fn = lambda m, epoch: {
             f"val_{k}": v for k, v in run_eval(m, "val", trainer.autocast, f"epoch{epoch}", epoch=epoch).items()
             if k not in ("split", "epoch")}
     trainer.fit(resume=args.resume)
-    if "test" in splits:
-        run_eval(model, "test", trainer.autocast, "best", **trainer.load_best())
+    if "test" not in splits:
+        return final_summary(f"{task} finetuning (no test split)", trainer.last_record, (), args.output_dir)
+    info = trainer.load_best()
+    row = run_eval(model, "test", trainer.autocast, "best", **info)
+    final_summary(f"{task}, test split {', '.join(as_list(config['test_file']))}", row, results.COLUMNS,
+                  args.output_dir, info["checkpoint"])
 
 
 if __name__ == "__main__":   # python -m engine.classify --task nlvr --config configs/demo/NLVR.yaml

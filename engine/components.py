@@ -7,6 +7,8 @@ model's dict: losses, detached ``feats``, ``count_*``; ``batch`` the collated ba
 ``state_dict`` / ``load_state_dict`` (the same on every rank: saved once) and ``rank_state_dict`` /
 ``load_rank_state_dict`` (this rank's own: saved in its own file). Every hook is optional.
 """
+import sys
+
 import torch
 
 from dataset.grit import batch_hardness
@@ -112,6 +114,7 @@ class StreamPositions(Component):
 
     def __init__(self, stream):
         self.stream, self.pos = stream, {}
+        self.warned = set()   # shards reported cut short: once per run, not once per pass
 
     def on_epoch_start(self, epoch, resumed_mid_epoch=False):
         if not resumed_mid_epoch:
@@ -121,6 +124,13 @@ class StreamPositions(Component):
     def on_step_end(self, out, batch, step):
         role, pos = batch["stream_pos"]
         self.pos[int(role)] = int(pos)
+        for shard, read, expected, error in batch.get("shards_cut", ()):
+            if shard not in self.warned:   # every rank reports its own shards (rank > 0 does not print)
+                self.warned.add(shard)
+                lost = f"{expected - read} of {expected} samples" if expected is not None else \
+                    f"the samples after the first {read}"
+                sys.stderr.write(f"warning: shard {shard} is cut short ({error}): {lost} lost on every pass over it "
+                                 "(warned once)\n")
 
     def rank_state_dict(self):
         return {"positions": {str(k): v for k, v in self.pos.items()}, "workers": self.stream.workers}

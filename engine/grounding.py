@@ -25,8 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from dataset import TextCollate, batch_concepts, create_dataset, shard_loader, tokenize_concepts
+from dataset.caption_dataset import AnnotationError
 from engine.config import base_parser, parse_launcher
-from engine.logger import Results
+from engine.splits import check_split, selection_metric, with_texts_cut
+from engine.logger import Results, final_summary
 from engine.trainer import Trainer, autocast_context, build
 from schema import ConfigError, value
 from utils import all_reduce_sum, save_result
@@ -135,8 +137,9 @@ def evaluate(model, dataset, tokenizer, refs, dets, config, device, mode, block_
     loader = shard_loader(dataset, config, grounding_collate(tokenizer, value(config, "vc_max_tokens")))
     # per split: correct, expressions, without proposals
     counts = torch.zeros(len(SPLITS), 3, dtype=torch.float64)
-    rows, shown = [], []
+    rows, shown, cut = [], [], 0
     for batch in loader:
+        cut += batch.get("texts_cut", 0)
         concepts = batch_concepts(batch)
         if concepts is not None:
             concepts = tuple(c.to(device) for c in concepts)
@@ -159,6 +162,7 @@ def evaluate(model, dataset, tokenizer, refs, dets, config, device, mode, block_
             if len(shown) < pictures:
                 shown.append((i, heat, box, ref))
     counts = all_reduce_sum(counts)
+    cut = int(all_reduce_sum(torch.tensor([cut], dtype=torch.float64)).item())
     save_result(rows, result_dir, f"grounding_{tag}", key="ref_id")
     for i, heat, box, ref in shown:
         picture(dataset, i, heat, box, ref, os.path.join(result_dir, f"pictures_{tag}"))
@@ -174,7 +178,7 @@ def evaluate(model, dataset, tokenizer, refs, dets, config, device, mode, block_
         if empty:
             metrics[f"no_proposals_{name}"] = int(empty)
             print(f"grounding {tag}: {int(empty)} {name} expressions have no proposals in det_file (counted wrong)")
-    return metrics
+    return with_texts_cut(metrics, cut, "expressions")
 
 
 def grounding_collate(tokenizer, vc_max_tokens=55):
@@ -183,7 +187,8 @@ def grounding_collate(tokenizer, vc_max_tokens=55):
         images, texts, ref_ids, idx, bad = list(zip(*batch))[:5]
         t = tokenizer(list(texts), padding="longest")
         out = {"image": torch.stack(images), "input_ids": t["input_ids"], "attention_mask": t["attention_mask"],
-               "ref_id": list(ref_ids), "idx": torch.tensor(idx), "bad": [p for b in bad for p in b]}
+               "ref_id": list(ref_ids), "idx": torch.tensor(idx), "bad": [p for b in bad for p in b],
+               "texts_cut": getattr(t, "texts_cut", 0)}
         if len(batch[0]) > 5:
             out["kw_input_ids"], out["kw_attention_mask"] = tokenize_concepts(tokenizer, [b[5] for b in batch],
                                                                               vc_max_tokens)
@@ -244,6 +249,20 @@ def baselines(config, seed=0):
     return out
 
 
+def splits_present(dataset, refs, config):
+    """The RefCOCO+ splits with expressions in ``test_file``, checked at start-up: every ``ref_id`` is in the
+    refs, and an empty split is an error (or skipped with ``empty_splits: skip``)."""
+    counts = dict.fromkeys(SPLITS, 0)
+    for i, a in enumerate(dataset.ann):
+        ref = refs.get(int(a["ref_id"]))
+        if ref is None:
+            raise AnnotationError(f"test_file {dataset.source_of(i)}: ref_id {a['ref_id']} is not in the refs "
+                                  "(refs_file / refcoco_data)")
+        if ref["split"] in counts:
+            counts[ref["split"]] += 1
+    return [s for s in SPLITS if check_split(config, "test_file", s, counts[s])]
+
+
 def main():
     from models.checkpoint import strip_bert
     from models.model_retrieval import ALBEF
@@ -262,6 +281,7 @@ def main():
                           f"[{first}, {depth - 1}]")
     test = create_dataset("grounding_test", config)
     refs, dets = load_refs(config), load_dets(config)
+    present = splits_present(test, refs, config)
     results = Results(args.output_dir, env.main, columns=tuple(f"{s}_d" for s in SPLITS))
     result_dir = os.path.join(args.output_dir, "result")
 
@@ -273,7 +293,8 @@ def main():
     if args.evaluate:
         autocast, _ = autocast_context(value(config, "precision"), env.device)
         model.to(env.device)
-        run_eval(model, autocast, "evaluate", checkpoint=args.checkpoint or "(random init)")
+        if present:
+            run_eval(model, autocast, "evaluate", checkpoint=args.checkpoint or "(random init)")
         return
     train = create_dataset("grounding_train", config, seed=args.seed)
     collate = TextCollate(tokenizer, max_length=30, truncation=False,   # ALBEF: longest, untruncated
@@ -284,11 +305,16 @@ def main():
                  alpha=alpha, idx=batch["idx"], concepts=batch_concepts(batch))
 
     trainer = Trainer(args, config, env, model, train, collate, step, batch_size_key="batch_size_train",
-                      select_metric="val_d")
-    trainer.evaluate_fn = lambda m, epoch: {k: v for k, v in run_eval(m, trainer.autocast, f"epoch{epoch}",
-                                                                      epoch=epoch).items()
-                                            if k not in ("split", "epoch")}
-    trainer.fit(resume=args.resume)
+                      select_metric=selection_metric(config, "val_d", "val" in present))
+    if present:
+        trainer.evaluate_fn = lambda m, epoch: {k: v for k, v in run_eval(m, trainer.autocast, f"epoch{epoch}",
+                                                                          epoch=epoch).items()
+                                                if k not in ("split", "epoch")}
+    record = trainer.fit(resume=args.resume)
+    weights = f"epoch {record.get('epoch')}" + (f"; best val_d at epoch {trainer.best['epoch']}: checkpoint_best.pth"
+                                                if trainer.best else "")
+    final_summary(f"grounding ({args.gradcam_mode} Grad-CAM), last epoch", record, tuple(f"{s}_d" for s in SPLITS),
+                  args.output_dir, weights)
 
 
 def contact_sheet(pictures_dir, out, n=12, columns=6):

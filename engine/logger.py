@@ -62,8 +62,8 @@ class MetricLogger:
 class Progress:
     """One line every ``print_freq`` steps: step, meters, samples/s, ETA (works in CI logs and terminals)."""
 
-    def __init__(self, total, header, samples_per_step, enabled=True, print_freq=50):
-        self.total, self.header = total, header
+    def __init__(self, total, header, samples_per_step, enabled=True, print_freq=50, run_left=None):
+        self.total, self.header, self.run_left = total, header, run_left
         self.samples_per_step = samples_per_step
         self.enabled, self.print_freq = enabled, print_freq
         self.start = self.last = time.time()
@@ -76,8 +76,12 @@ class Progress:
         now = time.time()
         rate = self.done * self.samples_per_step / max(now - self.start, 1e-9)
         eta = (self.total - i - 1) * self.samples_per_step / max(rate, 1e-9)
+        run = ""
+        if self.run_left is not None:   # the training left in the whole run (evaluations not counted)
+            run_eta = max(self.run_left(i), 0) * self.samples_per_step / max(rate, 1e-9)
+            run = f", run {datetime.timedelta(seconds=int(run_eta))}"
         print(f"{self.header} [{i + 1}/{self.total}]  {metrics.line()}  {rate:.1f} samples/s  "
-              f"eta {datetime.timedelta(seconds=int(eta))}", flush=True)
+              f"eta: epoch {datetime.timedelta(seconds=int(eta))}{run}", flush=True)
         sys.stdout.flush()
 
     def elapsed(self):
@@ -161,3 +165,16 @@ class Results:
             lines.append("| " + " | ".join(cells) + " |")
         with open(self.md, "w") as f:
             f.write("\n".join(lines) + "\n")
+
+
+def final_summary(what, metrics, columns, output_dir, weights=None):
+    """A run's last lines, for a person: the metric, the weights it was measured with, where the files are."""
+    shown = "  ".join(f"{c} {float(metrics[c]):.2f}" for c in columns if c in metrics)
+    print(f"\ndone: {what}" + (f": {shown}" if shown else "") + (f" ({weights})" if weights else ""))
+    files = [f for f in ("results.md", "log.txt", "checkpoint_best.pth", "result") if
+             os.path.exists(os.path.join(output_dir, f))]
+    latest = os.path.join(output_dir, "latest")
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            files.append(f"last checkpoint {f.read().strip()}")
+    print(f"      in {output_dir}: {', '.join(files) or 'nothing written'}", flush=True)

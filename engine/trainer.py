@@ -13,6 +13,7 @@ import json
 import os
 import random
 import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -22,16 +23,39 @@ from torch.utils.data import DataLoader
 from dataset.transforms import normalize_uint8
 from engine import checkpointing as ckpt_io
 from engine.components import BadImageError, BadImages, HardnessStats, StepCounts, StreamPositions  # noqa: F401
+from dataset.utils import AnnotationError
 from engine.config import dump_config
 from engine.distributed import all_reduce_sum, barrier, init_distributed
 from engine.logger import MetricLogger, Progress, RunLog
 from optim import create_optimizer
 from scheduler import create_scheduler
-from schema import value
+from schema import ConfigError, value
 from utils import get_rank, get_world_size  # noqa: F401 - re-exported
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DONE = "last_logged.json"   # the (epoch, step) of the newest record in log.txt
+
+
+class OtherRankFailed(RuntimeError):
+    """Raised on the ranks that did not fail, so that every rank stops together."""
+
+
+USER_ERRORS = (ConfigError, AnnotationError, BadImageError, OtherRankFailed, OSError)
+
+
+def launch(main):
+    """Run a launcher's ``main``. What the user can fix (a config key, an annotation file, unreadable images, a
+    full disk) ends the run with its message alone and exit code 1; ``ALBEF_TRACEBACK=1`` shows the
+    traceback. Anything else is a bug and keeps its traceback."""
+    try:
+        main()
+    except USER_ERRORS as e:
+        if os.environ.get("ALBEF_TRACEBACK") == "1":
+            raise
+        rank = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        sys.stderr.write(f"error{rank}: {e}\n")
+        sys.stderr.flush()
+        raise SystemExit(1) from None
 
 
 class Env:
@@ -88,6 +112,7 @@ def build(args, config, model_cls, remap=None):
     env = setup(args)
     tokenizer = ALBEFTokenizer(config.get("tokenizer") or config.get("text_encoder") or "")
     model = model_cls(config, tokenizer)
+    tokenizer.max_positions = model.bert_config.max_position_embeddings
     resuming = ckpt_io.resolve_resume(args.resume, args.output_dir) if getattr(args, "resume", "") else None
     if args.checkpoint and resuming is None:
         if args.resume:
@@ -232,7 +257,15 @@ class Trainer:
         resumed = epoch == self.start_epoch and first > 0
         if not resumed:
             self.metrics = MetricLogger()
-        progress = Progress(n_iters, f"Train epoch {epoch}", self.batch_size * env.world, env.main, self.print_freq)
+        later = (self.epochs - epoch - 1) * n_iters   # iterations of the epochs after this one
+
+        def run_left(i):
+            left = n_iters - i - 1 + later
+            if self.max_steps:   # optimizer steps left, in loader iterations
+                left = min(left, (int(self.max_steps) - self.global_step) * self.accum)
+            return left
+        progress = Progress(n_iters, f"Train epoch {epoch + 1}/{self.epochs}", self.batch_size * env.world, env.main,
+                            self.print_freq, run_left=run_left)
         self.sampler.set_epoch(epoch, first)
         for obj in (self.dataset, self.model):
             if obj is not self.sampler and hasattr(obj, "set_epoch"):
@@ -326,15 +359,14 @@ class Trainer:
             with isolated_rng():
                 record.update(self.evaluate_fn(self.model, epoch))
             self._select(record, epoch)
-        if self.env.main:
+        def write():
             print(json.dumps(record))
-        self.run_log.write(record)
-        self.run_log.scalars("train", record, epoch)
-        if self.env.main:
+            self.run_log.write(record)
+            self.run_log.scalars("train", record, epoch)
             ckpt_io.atomic_write_text(json.dumps({"epoch": epoch, "step": record.get("step")}),
                                       os.path.join(self.output_dir, DONE))
+        self._main_writes(write)
         self.last_record = record
-        barrier()
 
     # ------------------------------------------------------------------ checkpoints
     def _rank_state(self):
@@ -350,7 +382,7 @@ class Trainer:
         try:
             if not self.env.main:
                 ckpt_io.atomic_save(rank_state, ckpt_io.rank_path(path, self.env.rank))
-        except OSError as e:
+        except Exception as e:   # noqa: BLE001 - shared below, so that no rank waits in a collective
             error = e
         self._raise_if_any(error)
         try:
@@ -363,16 +395,32 @@ class Trainer:
                          "components": {n: c.state_dict() for n, c in self.components.items()}}
                 ckpt_io.save_checkpoint(state, self.output_dir, name, self.keep_last)
                 print(f"saved {path}")
-        except OSError as e:
+        except Exception as e:   # noqa: BLE001
             error = e
+        if isinstance(error, OSError) and error.errno is not None:
+            error = OSError(error.errno, f"{error.strerror}. The checkpoint named in {self.output_dir}/latest is "
+                            "intact: free space and resume with --resume latest")
         self._raise_if_any(error)
 
     def _raise_if_any(self, error):
+        """Collective: every rank raises when a write failed on any of them (no rank left in a collective)."""
         failed = all_reduce_sum(torch.tensor([0.0 if error is None else 1.0], dtype=torch.float64))
         if error is not None:
             raise error
         if failed.item():
-            raise RuntimeError("a checkpoint write failed on another rank (see its error); stopping")
+            raise OtherRankFailed("a write to output_dir failed on another rank (see its error above); stopping. The "
+                               "last checkpoint named in 'latest' is intact: free space and resume with --resume "
+                               "latest")
+
+    def _main_writes(self, write):
+        """Run ``write`` on rank 0 only, then stop every rank if it failed (in place of a barrier)."""
+        error = None
+        try:
+            if self.env.main:
+                write()
+        except Exception as e:   # noqa: BLE001
+            error = e
+        self._raise_if_any(error)
 
     def resume(self, path):
         env = self.env
@@ -431,13 +479,14 @@ class Trainer:
         value_ = float(record[self.select_metric])
         if self.best is None or value_ > self.best["value"]:
             self.best = {"metric": self.select_metric, "value": value_, "epoch": epoch}
-            if self.env.main:
+
+            def write():
                 ckpt_io.atomic_save({"model": self.model.state_dict(), "epoch": epoch,
                                      "config": self.config, "best": self.best},
                                     os.path.join(self.output_dir, "checkpoint_best.pth"))
                 ckpt_io.atomic_write_text(json.dumps(self.best), os.path.join(self.output_dir, "best.json"))
                 print(f"new best {self.select_metric} {value_:.4f} at epoch {epoch}: saved checkpoint_best.pth")
-            barrier()
+            self._main_writes(write)
         record["best_epoch"] = self.best["epoch"]
 
     def load_best(self):
@@ -449,7 +498,7 @@ class Trainer:
             load_checkpoint(self.model, best, strict=True, verbose=False)
             return {"epoch": self.best["epoch"],
                     "checkpoint": f"checkpoint_best.pth (selected on {self.select_metric.replace('_', ' ', 1)})"}
-        return {"checkpoint": "last epoch (no val_file to select on)"}
+        return {"checkpoint": "last epoch's weights (model_selection: last)"}
 
 
-__all__ = ["Trainer", "setup", "Env", "get_rank", "get_world_size", "BadImageError"]
+__all__ = ["Trainer", "setup", "Env", "get_rank", "get_world_size", "BadImageError", "launch"]

@@ -9,6 +9,7 @@ import torch
 
 from dataset import batch_concepts, shard_loader
 from dataset.vqa_dataset import VQACollate, read_answer_list
+from engine.splits import check_split, with_texts_cut
 from schema import value
 from utils import all_reduce_sum, broadcast_object, is_main_process, save_result, vqa_score
 
@@ -28,9 +29,10 @@ def predict(model, dataset, answer_list, tokenizer, config, device, autocast=Non
     a_ids, a_mask = tokenize_answer_list(answer_list, tokenizer, value(config, "eos"), device)
     loader = shard_loader(dataset, config, VQACollate(tokenizer, train=False,
                                                       vc_max_tokens=value(config, "vc_max_tokens")))
-    results, bad = [], 0
+    results, bad, cut = [], 0, 0
     k = int(value(config, "k_test"))
     for batch in loader:
+        cut += batch.get("texts_cut", 0)
         concepts = batch_concepts(batch)
         if concepts is not None:
             concepts = tuple(c.to(device) for c in concepts)
@@ -42,25 +44,28 @@ def predict(model, dataset, answer_list, tokenizer, config, device, autocast=Non
             results.append({"question_id": qid, "answer": answer_list[p]})
         bad += len(batch["bad"])
     model.train(was_training)
-    return results, bad
+    return results, bad, cut
 
 
 def evaluator(config, tokenizer, device, output_dir, split="test", autocast=None):
     """``run(model, tag)`` -> metrics: writes ``output_dir/result/vqa_result_<tag>.json`` and, where the
-    split's annotations hold answers, scores it (``test_accuracy`` ...)."""
+    split's annotations hold answers, scores it (``test_accuracy`` ...). None when the split is empty and
+    ``empty_splits: skip``."""
     from dataset import create_dataset
     dataset = create_dataset(f"vqa_{split}", config)
+    if not check_split(config, f"{split}_file", split, len(dataset)):
+        return None
     answer_list = read_answer_list(value(config, "answer_list"))
     result_dir = os.path.join(output_dir, "result")
 
     def run(model, tag):
-        results, bad = predict(model, dataset, answer_list, tokenizer, config, device, autocast)
-        bad = int(all_reduce_sum(torch.tensor([bad], dtype=torch.float64)).item())
+        results, bad, cut = predict(model, dataset, answer_list, tokenizer, config, device, autocast)
+        bad, cut = (int(x) for x in all_reduce_sum(torch.tensor([bad, cut], dtype=torch.float64)).tolist())
         name = f"vqa_result_{tag}" if split == "test" else f"vqa_{split}_result_{tag}"
         merged = save_result(results, result_dir, name, key="question_id")
         metrics = {}
         if is_main_process():
-            metrics = {"questions": len(merged), "unreadable_images": bad}
+            metrics = with_texts_cut({"questions": len(merged), "unreadable_images": bad}, cut, "questions")
             if all("answer" in a for a in dataset.ann):
                 metrics.update(vqa_score(merged, dataset.ann, value(config, "vqa_always_normalize")))
             with open(os.path.join(result_dir, f"{name}_metrics.json"), "w") as f:

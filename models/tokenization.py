@@ -4,6 +4,7 @@ A single sentence encodes as ``[CLS] w1 .. wn`` with no trailing ``[SEP]``; a li
 is the special token (how VQA answers get their end token).
 """
 import os
+import sys
 
 import torch
 from transformers import BatchEncoding, BertTokenizerFast
@@ -27,6 +28,10 @@ class ALBEFTokenizer:
         self.mask_token_id = self.tok.mask_token_id
         self.unk_token_id = self.tok.unk_token_id
         self.vocab_dir = vocab_dir
+        # the text encoder's positions (build() sets max_position_embeddings): no text is ever longer, truncation
+        # asked for or not (ALBEF evaluates VQA and grounding untruncated, with 512 positions)
+        self.max_positions = None
+        self.texts_cut = 0   # in this process
 
     def __len__(self):
         return len(self.tok)
@@ -46,11 +51,19 @@ class ALBEFTokenizer:
         single = isinstance(text, str)
         texts = [text] if single else list(text)
         enc = self.tok(texts, add_special_tokens=False, truncation=False)["input_ids"]
-        ids = []
+        ids, cut, longest = [], 0, 0
         for pieces in enc:
             if truncation and max_length is not None:
                 pieces = pieces[:max_length - 1]
+            if self.max_positions is not None and len(pieces) >= self.max_positions:
+                cut, longest = cut + 1, max(longest, len(pieces) + 1)
+                pieces = pieces[:self.max_positions - 1]
             ids.append([self.cls_token_id] + pieces)
+        if cut:
+            if not self.texts_cut:
+                print(f"warning: a text of {longest} tokens was cut to the text encoder's {self.max_positions} "
+                      "positions (max_position_embeddings); evaluations count the texts cut", file=sys.stderr)
+            self.texts_cut += cut
         if padding == "max_length" and max_length is not None:
             width = max(max_length, max(len(x) for x in ids))
         elif padding in ("longest", True):
@@ -69,4 +82,6 @@ class ALBEFTokenizer:
         data = {"input_ids": ids, "attention_mask": masks}
         if return_tensors == "pt":
             data = {k: torch.tensor(v, dtype=torch.long) for k, v in data.items()}
-        return BatchEncoding(data)
+        out = BatchEncoding(data)
+        out.texts_cut = cut
+        return out

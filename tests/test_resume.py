@@ -2,6 +2,7 @@
 dir, stale temp files, failed saves, and GRIT / MAFA runs over unreadable images."""
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -123,17 +124,99 @@ def test_checkpoint_with_resume_latest_on_an_empty_dir_initialises_and_stale_tem
     assert load(os.path.join(out, "checkpoint_step00000003.pth"))["iter"] == 3
 
 
-def test_failed_save_names_the_path_and_the_free_space(tmp_path, monkeypatch):
+class FullDisk:
+    """A file on a disk that fills after ``room`` bytes: each write past it raises ENOSPC (as a tmpfs does)."""
+
+    def __init__(self, f, room):
+        self.f, self.room = f, room
+
+    def write(self, data):
+        if len(data) > self.room:
+            import errno
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_failed_save_names_the_path_the_size_and_the_free_space(tmp_path, monkeypatch):
+    """torch's own writer on a disk that fills: its RuntimeError ('unexpected pos') becomes the OSError."""
+    import builtins
     from engine import checkpointing as ck
     path = str(tmp_path / "ck.pth")
+    ck.atomic_save({"w": torch.ones(3)}, path)   # the previous checkpoint
+    real = builtins.open
+    monkeypatch.setattr(ck, "open", lambda p, mode: FullDisk(real(p, mode), 200_000), raising=False)
+    # 2 MiB of tensors (4 bytes x 2**19 floats, stored twice under two names: counted once)
+    w = torch.zeros(2 ** 19)
+    with pytest.raises(OSError, match=r"could not write '.*ck.pth': No space left on device \(needs about 2\.0 MiB"
+                                      r".* MiB free in .*\); the partial file was removed") as e:
+        ck.atomic_save({"a": w, "b": w, "step": 1}, path)
+    assert e.value.errno == 28
+    assert os.listdir(tmp_path) == ["ck.pth"]   # no temp file left behind; the previous file intact
+    assert torch.equal(load(path)["w"], torch.ones(3))
+    with pytest.raises(AttributeError, match="pickle"):   # not a write failure: raised as it is, no temp file
+        monkeypatch.setattr(ck, "open", real, raising=False)
+        ck.atomic_save({"f": lambda: 0}, path)
+    assert os.listdir(tmp_path) == ["ck.pth"]
 
-    def full_disk(obj, f):
-        f.write(b"x" * 10)
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(OSError, match=r"could not write '.*ck.pth': No space left on device \(.* GiB free in"):
-        ck.atomic_save({"a": 1}, path)
-    assert os.listdir(tmp_path) == []   # no temp file left behind
+
+# runs Pretrain.py on a disk that fills up when rank {rank} writes its file of the epoch-0 checkpoint
+FILLER = """
+import builtins, os, runpy, sys
+sys.path.insert(0, {root!r})
+sys.path.insert(0, {tests!r})
+from test_resume import FullDisk
+import engine.checkpointing as ck
+real = builtins.open
+def full_open(path, mode="r", *a, **k):
+    f = real(path, mode, *a, **k)
+    name = os.path.basename(path)
+    mine = name.startswith("checkpoint_00.rank001" if {rank} else "checkpoint_00.pth")
+    return FullDisk(f, 4096) if ("w" in mode and mine and {fail}) else f
+ck.open = full_open
+sys.argv = {argv!r}
+runpy.run_path(os.path.join({root!r}, "Pretrain.py"), run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_disk_full_stops_both_ranks_and_the_run_resumes_from_the_last_checkpoint(tiny_world, tmp_path, failing_rank):
+    import subprocess
+    config = write_config(tiny_world, str(tmp_path / "c.yaml"), ckpt_every_steps=3)   # 6 steps an epoch on 2 ranks
+    out = str(tmp_path / "out")
+
+    def launch(fail, port):
+        script = tmp_path / f"filler{fail}.py"
+        argv = pretrain_cmd(config, out, "--resume", "latest")[1:]
+        script.write_text(FILLER.format(root=ROOT, tests=os.path.dirname(__file__), rank=failing_rank, fail=fail,
+                                        argv=argv))
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        return subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                               str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    r = launch(True, 29751 + failing_rank)
+    text = r.stdout + r.stderr
+    assert r.returncode != 0
+    name = "checkpoint_00.rank001.pth" if failing_rank else "checkpoint_00.pth"
+    assert re.search(rf"could not write '[^']*{name}': No space left on device \(needs about [\d.]+ MiB.* MiB free in",
+                     text), text[-3000:]
+    assert "a write to output_dir failed on another rank" in text   # the other rank stopped too, not left waiting
+    assert not [f for f in os.listdir(out) if ".tmp." in f]   # the partial file is gone at once
+    from engine.checkpointing import resolve_resume
+    assert resolve_resume("latest", out).endswith("checkpoint_step00000003.pth")   # the previous one, loadable
+    assert load(os.path.join(out, "checkpoint_step00000003.pth"))["step"] == 3
+    r = launch(False, 29761 + failing_rank)   # space again: the run resumes and ends
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout and [x["epoch"] for x in records(out)] == [0, 1]
 
 
 @pytest.mark.parametrize("recipe", ["grit", "mafa"])
