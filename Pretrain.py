@@ -41,7 +41,8 @@ def mafa_flags(args, config):
 def grit_component(config, env, dataset, batch_size, seed):
     """GRIT-VLP's grouped sampling: the sampler it orders and the component that groups each epoch."""
     sampler = GroupedSampler(len(dataset), batch_size, env.world, env.rank, shuffle=True, seed=seed)
-    grit = Grit({"queue_size": value(config, "grit.queue_size"), "search_space": value(config, "grit.search_space")},
+    grit = Grit({"queue_size": value(config, "grit.queue_size"), "search_space": value(config, "grit.search_space"),
+                 "queue_precision": value(config, "grit.queue_precision")},
                 sampler, int(value(config, "embed_dim")), batch_size, seed, env.rank, env.world, env.device,
                 len(dataset))
     return sampler, grit

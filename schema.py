@@ -200,6 +200,8 @@ NESTED = {
     "grit": {
         "queue_size": K("int", 48000, "per-rank collection queue L", lo=1),
         "search_space": K("int", 1920, "search space M (a multiple of the batch)", lo=1),
+        "queue_precision": K("str", "fp32", "the collection queue's dtype (fp16: this project's earlier default; "
+                             "its rounding reorders near-ties of the walk)", choices=("fp32", "fp16")),
     },
     "ecm": {
         "filter_config": K("path", REQUIRED, "the filter's retrieval config"),

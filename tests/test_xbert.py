@@ -143,6 +143,11 @@ def test_mlm_loss_with_soft_labels_is_the_alpha_mix():
     bug = m(ids, attention_mask=att, encoder_hidden_states=img, labels=labels, soft_labels=soft, alpha=0.3,
             distill_dim=1)
     assert not torch.allclose(bug.loss, out.loss)
+    # ALBEF's released-checkpoint code (spec 1.9): log_softmax over the sequence axis (dim 1), summed over the
+    # vocabulary, averaged over the masked tokens
+    full = logits.float()
+    seq_axis = -(F.log_softmax(full, dim=1) * soft).sum(-1)[sel].mean()
+    assert torch.allclose(bug.loss, 0.7 * ce + 0.3 * seq_axis, atol=1e-5)
     none = m(ids, attention_mask=att, encoder_hidden_states=img, labels=torch.full_like(ids, -100))
     assert none.loss.item() == 0.0   # nothing masked: zero, not NaN
 
