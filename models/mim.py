@@ -16,14 +16,15 @@ def sincos_pos_embed(dim, grid, cls_token=True):
     """Fixed 2D sine-cosine positions [1 + grid*grid, dim] (MAE's), the CLS row zero."""
     if dim % 4:
         raise ValueError(f"vision_width {dim} must be a multiple of 4 for the sin-cos decoder positions")
-    gh, gw = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="xy")
+    # patch k = row * grid + col; MAE's table encodes the column in the first half, the row in the second
+    col, row = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="xy")
 
     def one_axis(pos, d):
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
         out = np.einsum("m,d->md", pos.reshape(-1), omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
-    emb = np.concatenate([one_axis(gw, dim // 2), one_axis(gh, dim // 2)], axis=1)
+    emb = np.concatenate([one_axis(col, dim // 2), one_axis(row, dim // 2)], axis=1)
     if cls_token:
         emb = np.concatenate([np.zeros([1, dim]), emb], axis=0)
     return torch.from_numpy(emb).float()

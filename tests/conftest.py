@@ -41,3 +41,8 @@ def tiny_world(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("world"))
     build_world(out, seed=1, n_train=96, n_val=16, n_test=24, size=32)
     return out
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: launcher, multi-process and compile tests (pytest -m 'not slow' skips "
+                            "them: the core in under 3 minutes)")

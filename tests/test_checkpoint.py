@@ -94,19 +94,20 @@ def test_missing_file_names_path_and_config_key():
 
 
 class Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
     def __reduce__(self):
-        return (os.system, ("touch /tmp/albef_pwned_marker",))
+        return (os.system, (f"touch {self.marker}",))
 
 
 def test_pickled_code_is_never_executed(tmp_path):
-    path = str(tmp_path / "evil.pth")
+    path, marker = str(tmp_path / "evil.pth"), tmp_path / "pwned_marker"
     with open(path, "wb") as f:
-        pickle.dump({"model": Evil()}, f)
-    if os.path.exists("/tmp/albef_pwned_marker"):
-        os.remove("/tmp/albef_pwned_marker")
+        pickle.dump({"model": Evil(marker)}, f)
     with pytest.raises(RuntimeError, match="weights_only=True"):
         load_file(path)
-    assert not os.path.exists("/tmp/albef_pwned_marker")
+    assert not marker.exists()
 
 
 def test_hf_bert_directory_initialises_text_encoder(tmp_path):

@@ -275,6 +275,7 @@ def results(out):
     return [json.loads(line) for line in open(os.path.join(out, "results.jsonl"))]
 
 
+@pytest.mark.slow
 def test_pretrain_nlvr_trains_under_two_gloo_ranks(tiny_world, tmp_path):
     from test_engine import load, pretrain_checkpoint, run, write_config
     ckpt = pretrain_checkpoint(tiny_world, tmp_path)
@@ -295,6 +296,7 @@ def test_pretrain_nlvr_trains_under_two_gloo_ranks(tiny_world, tmp_path):
     assert torch.equal(sd["vision_proj.weight"], pre_sd["vision_proj.weight"])   # frozen: never trained
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["nlvr", "ve"])
 def test_classification_launcher_selects_on_dev_tests_once_and_evaluate_reproduces_it(task, tiny_world, tmp_path):
     from test_engine import load, run

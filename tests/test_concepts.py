@@ -42,6 +42,8 @@ def test_sampling_all_in_order_or_a_share_with_and_without_replacement():
     assert all(len(set(d)) == 4 and set(d) <= set(KW) for d in draws)
     with_rep = [sample_concepts(KW, 0.3, rng, replacement=True).split() for _ in range(200)]
     assert all(len(d) == 4 for d in with_rep) and any(len(set(d)) < 4 for d in with_rep)
+    # vc_sample_replacement: ViCHA's own draw, random.choices(kwords, k=int(p * n)) from the same stream
+    assert sample_concepts(KW, 0.3, random.Random(5), replacement=True) == " ".join(random.Random(5).choices(KW, k=4))
     assert sample_concepts([], 0.3, rng) == ""
 
 
@@ -100,6 +102,7 @@ def test_concepts_extend_the_vit_sequence_and_masked_padding_changes_nothing():
     a, _ = model.encode_image(image, concepts=(ids, mask))
     b, _ = model.encode_image(image, concepts=(ids2, mask))
     assert not torch.allclose(a[0, :17], b[0, :17], atol=1e-4)
+    assert model.image_atts(a, (ids, mask)).tolist() == [[1] * 23] * 4   # and so do the fusion layers
 
 
 def test_padding_length_does_not_change_features_or_itm_scores():

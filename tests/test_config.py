@@ -213,6 +213,7 @@ def test_mafa_command_line_makes_the_grit_file_mafa(monkeypatch):
     assert cfg["itc_label_smoothing"] == 0.5 and cfg["itc_consistency_weight"] == 0.0 and cfg["grit"]["queue_size"] == 48000
 
 
+@pytest.mark.slow
 def test_grit_original_config_trains_through_pretrain_py(tiny_world, tmp_path):
     """GRIT-VLP's own Pretrain.yaml, unchanged, with only paths and sizes overridden on the command line."""
     import subprocess

@@ -60,6 +60,7 @@ def test_collectives_send_on_the_comm_device_and_return_on_the_callers(monkeypat
     assert out.device.type == "cpu" and out.shape == (4, 4)   # back on the caller's device, ranks stacked
 
 
+@pytest.mark.slow
 def test_check_mode_refuses_a_collective_that_bypasses_utils(tmp_path):
     script = tmp_path / "bypass.py"
     script.write_text(f"""

@@ -157,6 +157,7 @@ def test_bf16_filter_scores_like_fp32_and_precision_is_checked(tmp_path):
     att[1, 5:] = 0
     pairs = (torch.tensor([0, 1, 2, 3, 0]), torch.tensor([1, 0, 3, 2, 0]))
     p32, p16 = fp32.match_prob(image, ids, att, *pairs), bf16.match_prob(image, ids, att, *pairs)
-    assert p16.dtype == torch.float32 and torch.allclose(p16, p32, atol=0.05)
+    # bf16 keeps 8 significant bits (steps of 2**-9 near 0.5): measured gaps are 1.6e-3 to 2.9e-3
+    assert p16.dtype == torch.float32 and torch.allclose(p16, p32, atol=0.01)
     with pytest.raises(ValueError, match="ecm.filter_precision"):
         build_discriminator({**ecm, "filter_precision": "fp16"}, None, "cpu")

@@ -40,6 +40,7 @@ def test_mining_counts_every_candidate_and_checks_ground_truth(tiny_world, tiny_
     assert none["connections"] == 0 and none["negatives"] == none["candidates"] and none["precision"] == 0
 
 
+@pytest.mark.slow
 def test_notebook_runs_headless(tiny_world, tiny_filter, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

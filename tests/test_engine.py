@@ -105,6 +105,7 @@ def grit_runs_end_equal(world, tmp_path, runs):
     assert torch.equal(a["components"]["grit"]["orders"][2], b["components"]["grit"]["orders"][2])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["albef", "grit", "mafa"])
 def test_sigkill_and_resume_ends_with_identical_weights(tiny_world, tmp_path, recipe):
     # grit / mafa: killed while epoch 1 runs in grouped order with a half-full collection queue
@@ -134,6 +135,7 @@ def test_sigkill_and_resume_ends_with_identical_weights(tiny_world, tmp_path, re
         assert log[-1].get(key) == ref_log[-1].get(key), key
 
 
+@pytest.mark.slow
 def test_loader_settings_change_no_weight(tiny_world, tmp_path):
     """uint8 images normalised in the step, workers kept across epochs, pinned memory: the same weights as
     float images read in the main process, bitwise, over two epochs."""
@@ -158,6 +160,7 @@ def checked_collectives(log_prefix, world):
     return out
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_gathers_the_queue_across_ranks(tiny_world, tmp_path):
     config = write_config(tiny_world, str(tmp_path / "c.yaml"))
     out = str(tmp_path / "ddp")
@@ -179,6 +182,7 @@ def test_two_process_gloo_run_gathers_the_queue_across_ranks(tiny_world, tmp_pat
         assert all(dev in ("cpu", "object") for _, dev, _ in ops)
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run_trains_with_grit_grouping(tiny_world, tmp_path):
     config = write_config(tiny_world, str(tmp_path / "c.yaml"), **GRIT)
     out = str(tmp_path / "grit")
@@ -215,6 +219,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_kill_during_save_leaves_previous_checkpoint_usable(tmp_path):
     path = str(tmp_path / "ck.pth")
     script = tmp_path / "saver.py"

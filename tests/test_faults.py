@@ -51,6 +51,7 @@ def configs(world, tmp_path):
             "grounding": ("Grounding.py", write(tmp_path / "g.yaml", g), "test_file", "val")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["pretrain", "retrieval", "vqa", "nlvr", "ve", "grounding"])
 def test_an_empty_evaluation_split_stops_the_launcher_at_start_up(tiny_world, tmp_path, task):
     launcher, config, key, split = configs(tiny_world, tmp_path)[task]
@@ -63,6 +64,7 @@ def test_an_empty_evaluation_split_stops_the_launcher_at_start_up(tiny_world, tm
     assert "Train epoch" not in r.stdout   # known before any training
 
 
+@pytest.mark.slow
 def test_a_skipped_empty_val_split_writes_no_metric_and_selection_needs_model_selection_last(tiny_world, tmp_path):
     launcher, config, _, _ = configs(tiny_world, tmp_path)["nlvr"]
     out = str(tmp_path / "out")
@@ -122,6 +124,7 @@ def test_texts_longer_than_the_positions_are_cut_to_them_and_counted(tiny_world)
     assert short["input_ids"].shape == (1, 25) and short.texts_cut == 0 and tok.texts_cut == 1
 
 
+@pytest.mark.slow
 def test_vqa_evaluation_of_over_long_questions_cuts_and_counts_them(tiny_world, tmp_path):
     from test_engine import pretrain_checkpoint
     from test_vqa import vqa_config

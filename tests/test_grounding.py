@@ -156,6 +156,7 @@ def test_an_empty_split_is_reported_not_divided_by(tiny_world, tmp_path, capsys)
     assert "no expressions of split 'testA'" in out and "have no proposals" in out
 
 
+@pytest.mark.slow
 def test_grounding_py_trains_selects_and_evaluates_the_same_under_two_ranks(tiny_world, tmp_path):
     from test_engine import load, pretrain_checkpoint, run
     ckpt = pretrain_checkpoint(tiny_world, tmp_path)

@@ -50,8 +50,26 @@ def test_decoder_shapes_positions_and_training():
     assert m.decoder_pos_embed[0, 0].abs().sum() == 0 and torch.equal(m.mask_token, torch.zeros(1, 1, 32))
     assert torch.allclose(m.decoder_pos_embed[0], sincos_pos_embed(32, grid))
     assert m.mae_proj.out_features == 8 * 8 * 3
+    # ViCHA's decoder: 2 ViT blocks with qkv bias (its checkpoints' decoder_blocks.{0,1}.attn.qkv.bias)
+    assert len(m.decoder_blocks) == 2 and m.decoder_blocks[1].attn.qkv.bias is not None
+    seen = []
+    hook = m.visual_encoder.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
     loss = mim_loss(m, torch.randn(2, 3, 32, 32))
+    hook.remove()
+    # the encoder sees ViCHA's raw CLS token (no position embedding) and the 16 * 0.25 = 4 kept patches
+    assert seen[0].shape == (2, 1 + 4, 32) and torch.equal(seen[0][:, 0], m.visual_encoder.cls_token[0].expand(2, -1))
     loss.backward()
+    import models.mim as mim_module
+    parts = []
+    real = mim_module.mim_loss_from
+    mim_module.mim_loss_from = lambda *a: parts.append(real(*a)) or parts[-1]
+    try:
+        m.mae_lambda = 0.25   # ViCHA's mae_lambda scales the reconstruction loss
+        scaled = mim_loss(m, torch.randn(2, 3, 32, 32))
+    finally:
+        mim_module.mim_loss_from = real
+        m.mae_lambda = 1.0
+    assert scaled.item() == pytest.approx(0.25 * parts[0].item(), rel=1e-6)
     assert torch.isfinite(loss) and m.visual_encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     out = m(torch.randn(4, 3, 32, 32), tiny_text(4), alpha=0.4)
     assert torch.isfinite(out["loss_mae"])

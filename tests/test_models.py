@@ -376,6 +376,10 @@ def test_vqa_rank_answer_matches_brute_force_likelihood():
         order = expect.argsort(descending=True)
         assert ids[b].tolist() == order.tolist()
         assert torch.allclose(probs[b], expect[order], atol=1e-4)
+    # k_test above the number of candidates ranks them all (ALBEF's k_test 128 over a short answer list)
+    wide = torch.cat([answers, torch.zeros(4, 3, dtype=torch.long)], 1)   # 7 token positions, 4 answers
+    ids_all, _ = m.rank_answer(states, q["attention_mask"], wide, (wide != 0).long(), k=128)
+    assert ids_all.shape == (2, 4) and ids_all.tolist() == ids.tolist()
 
 
 def test_text_assignment_labels_are_consistent():

@@ -51,6 +51,7 @@ def records(out):
     return [json.loads(line) for line in open(os.path.join(out, "log.txt"))]
 
 
+@pytest.mark.slow
 def test_kill_during_evaluation_resumes_exactly_and_finishes_the_evaluation(tiny_world, tmp_path):
     config = write_config(tiny_world, str(tmp_path / "c.yaml"), eval_every=1, ckpt_every_steps=0,
                           test_file=os.path.join(tiny_world, "retrieval_test.json"), batch_size_test=16,
@@ -99,6 +100,7 @@ def test_kill_during_evaluation_resumes_exactly_and_finishes_the_evaluation(tiny
     assert "finishing" not in r.stdout and len(records(out)) == 2
 
 
+@pytest.mark.slow
 def test_checkpoint_with_resume_latest_on_an_empty_dir_initialises_and_stale_temps_go(tiny_world, tmp_path):
     config = write_config(tiny_world, str(tmp_path / "c.yaml"), ckpt_every_steps=0)
     first = str(tmp_path / "first")
@@ -188,6 +190,7 @@ runpy.run_path(os.path.join({root!r}, "Pretrain.py"), run_name="__main__")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("failing_rank", [0, 1])
 def test_disk_full_stops_both_ranks_and_the_run_resumes_from_the_last_checkpoint(tiny_world, tmp_path, failing_rank):
     import subprocess
@@ -219,6 +222,7 @@ def test_disk_full_stops_both_ranks_and_the_run_resumes_from_the_last_checkpoint
     assert "resumed from" in r.stdout and [x["epoch"] for x in records(out)] == [0, 1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["grit", "mafa"])
 def test_grit_and_mafa_train_two_epochs_over_unreadable_images(tiny_world, tmp_path, recipe):
     data = json.load(open(os.path.join(tiny_world, "pretrain.json")))
@@ -242,6 +246,7 @@ def test_grit_and_mafa_train_two_epochs_over_unreadable_images(tiny_world, tmp_p
     assert len(set(order.tolist())) == len(order) == 96   # a permutation, the unreadable indices included
 
 
+@pytest.mark.slow
 def test_too_many_unreadable_images_stop_every_rank_with_the_last_checkpoint_intact(tiny_world, tmp_path):
     data = json.load(open(os.path.join(tiny_world, "pretrain.json")))
     world = str(tmp_path / "world")

@@ -2,6 +2,7 @@
 import json
 import os
 
+import pytest
 import torch
 
 from test_engine import PY, ROOT, load, pretrain_cmd, run, write_config
@@ -23,6 +24,7 @@ def retrieval_cmd(config, out, *extra):
     return [PY, os.path.join(ROOT, "Retrieval.py"), "--config", config, "--output_dir", out, "--device", "cpu", *extra]
 
 
+@pytest.mark.slow
 def test_finetune_from_pretraining_selects_on_val_and_tests_the_selected_checkpoint(tiny_world, tmp_path):
     pre = str(tmp_path / "pre")
     run(pretrain_cmd(write_config(tiny_world, str(tmp_path / "p.yaml")), pre, "--opts", "max_steps=2"))
@@ -48,6 +50,7 @@ def test_finetune_from_pretraining_selects_on_val_and_tests_the_selected_checkpo
     assert load(os.path.join(out, "checkpoint_best.pth"))["model"]["idx_queue"].max() >= 0   # idx queue filled
 
 
+@pytest.mark.slow
 def test_two_process_evaluation_equals_one_process(tiny_world, tmp_path):
     config = retrieval_config(tiny_world, str(tmp_path / "r.yaml"))
     one, two = str(tmp_path / "one"), str(tmp_path / "two")

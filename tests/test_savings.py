@@ -88,6 +88,7 @@ def test_shared_kv_projects_each_layer_once_per_step():
     assert counts[True] == [4] and counts[False] == [4, 8, 4]   # positives, negatives (2B rows), MLM
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["pretrain", "retrieval"])
 def test_compiled_steps_equal_eager_and_the_alpha_ramp_recompiles_nothing(kind):
     """torch.compile (graphs captured by dynamo, run by a counting backend) gives eager's losses; alpha is a
@@ -126,6 +127,7 @@ def test_compiled_steps_equal_eager_and_the_alpha_ramp_recompiles_nothing(kind):
     assert counts[-1] <= 2 * counts[0], counts   # at most one recompile per frame
 
 
+@pytest.mark.slow
 def test_pretrain_py_with_compile_logs_the_eager_losses(tiny_world, tmp_path):
     """The engine's compile path (alpha as a tensor, the model compiled after DDP wrapping) end to end."""
     import json
@@ -141,6 +143,7 @@ def test_pretrain_py_with_compile_logs_the_eager_losses(tiny_world, tmp_path):
         assert logs["compiled"][k] == pytest.approx(logs["eager"][k], rel=1e-5), k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["albef", "mafa"])
 def test_compiled_pretraining_breaks_its_graph_only_where_listed(case):
     """The listed breaks (README): the MLM's masked-position lookup, and MAFA's MLM batch, whose size is the

@@ -156,6 +156,7 @@ runpy.run_path(os.path.join({root!r}, "Pretrain.py"), run_name="__main__")
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reader", ["streamed", "indexed"])
 def test_two_process_gloo_run_over_shards_reads_every_sample_once_per_epoch(tiny_world, tmp_path, shards, reader):
     files = shards["spec"] if reader == "streamed" else [shards["store"]]
@@ -178,6 +179,7 @@ def test_two_process_gloo_run_over_shards_reads_every_sample_once_per_epoch(tiny
         assert sorted(idx) == list(range(96)), epoch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reader", ["streamed", "indexed"])
 def test_sigkill_and_resume_over_shards_ends_with_identical_weights(tiny_world, tmp_path, shards, reader):
     files = shards["spec"] if reader == "streamed" else [shards["store"]]
@@ -196,11 +198,13 @@ def test_sigkill_and_resume_over_shards_ends_with_identical_weights(tiny_world, 
     assert [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])] == []
 
 
+@pytest.mark.slow
 def test_grit_over_the_indexed_shards_ends_as_over_json(tiny_world, tmp_path, shards):
     grit_runs_end_equal(tiny_world, tmp_path, {"json": [os.path.join(tiny_world, "pretrain.json")],
                                                "shards": [shards["store"]]})
 
 
+@pytest.mark.slow
 def test_train_weights_reach_the_sampler_and_are_refused_with_grit(tiny_world, tmp_path):
     data = os.path.join(tiny_world, "pretrain.json")
     cfg = write_config(tiny_world, str(tmp_path / "w.yaml"), train_file=[data, data], train_weights=[1, 0.5],

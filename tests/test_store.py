@@ -52,6 +52,7 @@ def test_pretraining_over_the_store_gives_the_json_samples(tiny_world, tmp_path)
     assert both.ann[len(from_json) + 5] == from_json.ann[5] and both.ann[5] == from_store.ann[5]
 
 
+@pytest.mark.slow
 def test_grit_pretraining_over_the_store_ends_as_over_json(tiny_world, tmp_path):
     from test_engine import grit_runs_end_equal
     store = str(tmp_path / "pre.arrow")

@@ -132,6 +132,7 @@ def vqa_config(world, path, **extra):
     return write(path, cfg)
 
 
+@pytest.mark.slow
 def test_vqa_py_finetunes_evaluates_and_reevaluates_the_same(tiny_world, tmp_path):
     from models import MODELS
     from test_engine import load, pretrain_checkpoint, run
