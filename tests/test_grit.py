@@ -183,6 +183,9 @@ def test_order_stats_reads_the_grouped_recall_off_the_original_neighbours():
     s = img[w] @ txt[w].t()   # the in-batch image->text ITC at GRIT's 0.07, over the 6 consecutive batches
     itc = sum(-torch.log_softmax(s[b:b + 8, b:b + 8] / 0.07, dim=1).diag().sum().item() for b in range(0, 48, 8)) / 48
     assert stats["itc_loss_grouped"] == pytest.approx(itc, rel=1e-5)
+    # 5 pairs have no 5 neighbours besides each image's own text: no recall, rather than one counting itself
+    few = order_stats(img[:5], txt[:5], sim[:5, :5], walk_similarities(sim[:5, :5], start=0), batch=2)
+    assert np.isnan(few["nn_recall_random"]) and np.isnan(few["nn_recall_grouped"])
 
 
 def original_walk(img, txt, start, temp=0.07):
@@ -231,3 +234,11 @@ def test_the_fp32_collector_emits_the_original_procedures_order_at_grits_sizes()
         walk = original_walk(img[perm][s:s + space], txt[perm][s:s + space], start)
         expected += idx[perm][s:s + space][walk].tolist()
     assert order.tolist() == expected
+
+
+def test_a_leftover_of_one_pair_is_still_emitted():
+    col = GritCollector(queue_size=8, search_space=4, dim=4, batch_size=2, seed=0, device="cpu")
+    feats = F.normalize(torch.randn(9, 4, generator=torch.Generator().manual_seed(0)), dim=1)
+    col.push(feats, feats, torch.arange(9))   # one full queue, then a single pair at the end of the epoch
+    order, _ = col.finish()
+    assert sorted(order.tolist()) == list(range(9)) and [len(g) for g in col.groups] == [4, 4, 1]

@@ -266,11 +266,13 @@ def test_grit_emits_each_search_space_in_its_walks_order(precision):
     assert order.tolist() == expected
 
 
-def test_vqa_loss_distils_from_the_momentum_decoder_with_alpha():
+@pytest.mark.parametrize("decoder_distill", [True, False])
+def test_vqa_loss_distils_from_the_momentum_decoder_with_alpha(decoder_distill):
     """ALBEF's decoder loss: (1 - alpha) * answer NLL + alpha * soft CE against the momentum decoder's
-    distribution. With momentum copies equal to the online weights, the soft targets are the model's own."""
+    distribution. With momentum copies equal to the online weights, the soft targets are the model's own.
+    ``decoder_distill: false`` is the released vqa.pth's code: the decoder gets no alpha (plain NLL)."""
     torch.manual_seed(0)
-    model = MODELS["vqa"](tiny_config()).eval()   # distill on (ALBEF's VQA)
+    model = MODELS["vqa"](tiny_config(decoder_distill=decoder_distill)).eval()   # distill on (ALBEF's VQA)
     image = torch.randn(1, 3, 32, 32)
     q = tiny_text(1, 6, seed=1, pad_first=False)
     a = tiny_text(1, 4, seed=2, pad_first=False)
@@ -288,16 +290,18 @@ def test_vqa_loss_distils_from_the_momentum_decoder_with_alpha():
         p = [math.exp(x - z) for x in row]
         p = [x / sum(p) for x in p]
         nll = ce_by_hand(row, [1.0 * (v == target) for v in range(len(row))])
-        total += 0.7 * nll + 0.3 * ce_by_hand(row, p)
+        total += 0.7 * nll + 0.3 * ce_by_hand(row, p) if decoder_distill else nll
     assert out["loss_vqa"].item() == pytest.approx(total, rel=1e-5)
 
 
+@pytest.mark.parametrize("distill", [True, False])
 @pytest.mark.parametrize("kind,n_cls,n_img", [("ve", 3, 1), ("nlvr", 2, 2)])
-def test_classification_logits_and_distilled_loss_by_hand(kind, n_cls, n_img):
+def test_classification_logits_and_distilled_loss_by_hand(kind, n_cls, n_img, distill):
     """The head is Linear-ReLU-Linear on the fused [CLS]; the loss is (1 - alpha) * CE + alpha * soft CE
-    against the momentum model (equal to the online one here, so the soft targets are its own softmax)."""
+    against the momentum model (equal to the online one here, so the soft targets are its own softmax);
+    with ``distill: false`` the plain CE whatever alpha is."""
     torch.manual_seed(0)
-    model = MODELS[kind](tiny_config()).eval()
+    model = MODELS[kind](tiny_config(distill=distill)).eval()
     b = 3
     image, text = torch.randn(b * n_img, 3, 32, 32), tiny_text(b, seed=4, pad_first=False)
     logits = model(image, text, train=False)
@@ -323,7 +327,8 @@ def test_classification_logits_and_distilled_loss_by_hand(kind, n_cls, n_img):
         z = max(row)
         p = [math.exp(x - z) for x in row]
         p = [x / sum(p) for x in p]
-        expected += 0.6 * ce_by_hand(row, [1.0 * (c == int(targets[i])) for c in range(n_cls)]) + 0.4 * ce_by_hand(row, p)
+        ce = ce_by_hand(row, [1.0 * (c == int(targets[i])) for c in range(n_cls)])
+        expected += 0.6 * ce + 0.4 * ce_by_hand(row, p) if distill else ce
     assert loss.item() == pytest.approx(expected / b, rel=1e-5)
 
 
@@ -380,6 +385,28 @@ def test_in_batch_itc_of_the_forward_pass_from_the_encoders_cls_states():
     i2t = sum(ce_by_hand(sim[i], [1.0 * (j == i) for j in range(4)]) for i in range(4)) / 4
     t2i = sum(ce_by_hand([sim[j][i] for j in range(4)], [1.0 * (j == i) for j in range(4)]) for i in range(4)) / 4
     assert out["loss_ita"].item() == pytest.approx((i2t + t2i) / 2, abs=1e-5)
+
+
+def test_hidden_itc_joins_the_itc_loss_of_the_forward_pass():
+    torch.manual_seed(0)
+    model = MODELS["pretrain"](tiny_config(use_momentum=False, distill=False, return_hidden_state=True,
+                                           num_hidden_align=1, vision_depth=3)).eval()
+    seen = []
+    real = model.hidden_itc
+    model.hidden_itc = lambda *a: seen.append(real(*a)) or seen[-1]
+    image, text = images_and_text(4, seed=5)
+    out = model(image, text)
+    with torch.no_grad():
+        img = F.normalize(model.vision_proj(model.visual_encoder(image)[:, 0]), dim=-1)
+        txt = F.normalize(model.text_proj(model.text_bert(input_ids=text["input_ids"],
+                                                          attention_mask=text["attention_mask"],
+                                                          mode="text").last_hidden_state[:, 0]), dim=-1)
+    t = model.temp.item()
+    sim = [[float(img[i] @ txt[j]) / t for j in range(4)] for i in range(4)]
+    i2t = sum(ce_by_hand(sim[i], [1.0 * (j == i) for j in range(4)]) for i in range(4)) / 4
+    t2i = sum(ce_by_hand([sim[j][i] for j in range(4)], [1.0 * (j == i) for j in range(4)]) for i in range(4)) / 4
+    assert len(seen) == 1 and seen[0].item() > 0
+    assert out["loss_ita"].item() == pytest.approx((i2t + t2i) / 2 + seen[0].item(), abs=1e-5)
 
 
 # ------------------------------------------------------------------ MAFA's filter: P(match)
