@@ -72,7 +72,7 @@ class ConnectionDiscriminator:
     """A frozen retrieval model that scores (text, image) pairs with its ITM head. Not an nn.Module
     attribute of the training model, so it is never saved, optimised or wrapped by DDP."""
 
-    def __init__(self, model, low=0.5, high=0.8, precision="auto"):
+    def __init__(self, model, low=0.5, high=0.8, precision="fp32"):
         if not 0 <= low <= high <= 1:
             raise ValueError(f"ecm thresholds must satisfy 0 <= low_threshold ({low}) <= high_threshold ({high}) <= 1")
         if precision not in FILTER_PRECISIONS:
@@ -84,7 +84,7 @@ class ConnectionDiscriminator:
         self.dtype = torch.float32
 
     def to(self, device):
-        """Moves the filter; on CUDA ("auto") its weights become bf16: half the memory and the fast path
+        """Moves the filter; with "auto" on CUDA (or "bf16") its weights become bf16: half the memory and the fast path
         for the extra forward per step. CPU stays fp32 unless ``precision`` is "bf16"."""
         device = torch.device(device)
         bf16 = self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda")

@@ -142,13 +142,13 @@ def test_filter_checkpoint_errors_name_the_file_and_the_keys(tmp_path):
 
 
 def test_bf16_filter_scores_like_fp32_and_precision_is_checked(tmp_path):
-    # "auto" is bf16 on CUDA; forcing it here runs the same bf16 path on the CPU
+    # bf16 ("auto" on CUDA), forced here, runs the same bf16 path on the CPU
     cfg_path, cfg = write_filter_config(tmp_path)
     torch.manual_seed(0)
     torch.save({"model": MODELS["retrieval"](cfg).state_dict()}, tmp_path / "f.pth")
     ecm = {"filter_config": cfg_path, "filter_checkpoint": str(tmp_path / "f.pth")}
     fp32 = build_discriminator(ecm, None, "cpu")
-    assert fp32.dtype == torch.float32   # auto on CPU
+    assert fp32.dtype == torch.float32   # the default
     bf16 = build_discriminator({**ecm, "filter_precision": "bf16"}, None, "cpu")
     assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
     image = torch.randn(4, 3, cfg["image_res"], cfg["image_res"])
