@@ -37,11 +37,7 @@ def main():
     model = CLIPWithHardNegatives(config, clip)
     train = create_dataset("pretrain", config, seed=args.seed)
 
-    def step(m, batch, alpha):
-        hn = (batch["hn_text"], batch["hn_valid"]) if "hn_text" in batch else None
-        return m(batch["image"], batch["text"], hard_negatives=hn)
-
-    Trainer(args, config, env, model, train, ClipCollate(tokenizer), step).fit(resume=args.resume)
+    Trainer(args, config, env, model, train, ClipCollate(tokenizer)).fit(resume=args.resume)
 
 
 if __name__ == "__main__":

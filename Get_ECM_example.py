@@ -25,7 +25,7 @@ from dataset.grit import GritCollector
 from dataset.transforms import test_transform
 from engine.config import load_config
 from engine.ecm_filter import build_discriminator
-from models.ecm import CONNECTION, NEGATIVE
+from models.objectives.ecm import CONNECTION, NEGATIVE
 from models.tokenization import ALBEFTokenizer
 
 

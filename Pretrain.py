@@ -4,7 +4,7 @@ Runs as one process, or under ``torchrun`` / ``python -m torch.distributed.launc
 MAFA's own Pretrain.yaml work unchanged; MAFA's filter comes with MAFA's flags (``--filter_config``,
 ``--filter_checkpoint``, ``--low_threshold``, ``--high_threshold``) or the config's ``ecm`` group.
 """
-from dataset import TextCollate, batch_concepts, batch_hard_negatives, create_dataset
+from dataset import TextCollate, create_dataset
 from dataset.grit import Grit, GroupedSampler
 from dataset.caption_dataset import as_list
 from engine.config import base_parser, parse_launcher
@@ -62,16 +62,11 @@ def main():
     collate = TextCollate(tokenizer, max_length=value(config, "max_tokens", "pretrain"),
                           vc_max_tokens=value(config, "vc_max_tokens"))
 
-    def step(model, batch, alpha):
-        text = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        return model(batch["image"], text, alpha=alpha, idx=batch["idx"], concepts=batch_concepts(batch),
-                     hard_negatives=batch_hard_negatives(batch))
-
     components, sampler = {}, None
     if config.get("grit"):
         sampler, components["grit"] = grit_component(config, env, dataset, int(value(config, "batch_size")),
                                                      args.seed)
-    trainer = Trainer(args, config, env, model, dataset, collate, step, components=components, sampler=sampler)
+    trainer = Trainer(args, config, env, model, dataset, collate, components=components, sampler=sampler)
     test = create_dataset("re_test", config) if config.get("test_file") else None
     if test is not None and check_split(config, "test_file", "test", len(test)):
         trainer.evaluate_fn = zero_shot_eval(config, tokenizer, env, trainer, test)

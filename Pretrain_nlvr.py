@@ -7,7 +7,7 @@ One epoch on the pretraining corpus at 256 px: each caption is shown with two im
 encoder says which one it describes (0 first, 1 second, 2 neither). The 12-layer pretraining checkpoint is
 mapped as ALBEF does (fusion layer n -> layers 2n-6 and 2n-5); ``checkpoint_00.pth`` then starts NLVR.py.
 """
-from dataset import TextCollate, batch_concepts, create_dataset
+from dataset import TextCollate, create_dataset
 from engine.config import base_parser, parse_launcher
 from engine.trainer import Trainer, build, launch
 from models.base import bert_config_from
@@ -28,11 +28,7 @@ def main():
     collate = TextCollate(tokenizer, max_length=value(config, "max_tokens", "pretrain_nlvr"), truncation=True,
                           vc_max_tokens=value(config, "vc_max_tokens"))
 
-    def step(m, batch, alpha):
-        text = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        return m(batch["image"], text, concepts=batch_concepts(batch))
-
-    Trainer(args, config, env, model, train, collate, step).fit(resume=args.resume)
+    Trainer(args, config, env, model, train, collate).fit(resume=args.resume)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 The checkpoint is selected on the validation split (``checkpoint_best.pth``); the test split is
 evaluated once, with that checkpoint. Results go to ``output_dir/results.jsonl`` and ``results.md``.
 """
-from dataset import TextCollate, batch_concepts, create_dataset
+from dataset import TextCollate, create_dataset
 from dataset.caption_dataset import as_list
 from engine.config import base_parser, parse_launcher
 from engine.logger import final_summary
@@ -47,11 +47,7 @@ def main():
     collate = TextCollate(tokenizer, max_length=max_tokens or 30, truncation=max_tokens is not None,
                           vc_max_tokens=value(config, "vc_max_tokens"))
 
-    def step(m, batch, alpha):
-        text = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        return m(batch["image"], text, alpha=alpha, idx=batch["idx"], concepts=batch_concepts(batch))
-
-    trainer = Trainer(args, config, env, model, train, collate, step, batch_size_key="batch_size_train",
+    trainer = Trainer(args, config, env, model, train, collate, batch_size_key="batch_size_train",
                       select_metric=selection_metric(config, "val_r_mean", val is not None))
     if val is not None:
         trainer.evaluate_fn = lambda m, epoch: {f"val_{k}": v for k, v in

@@ -8,7 +8,7 @@ finetuned one (``vqa.pth``) loads as it is. After the last epoch (or with ``--ev
 is ranked over ``answer_list`` and ``output_dir/result/vqa_result_<epoch>.json`` holds the official result
 file; where the test annotations hold answers, the official VQA accuracy is computed too.
 """
-from dataset import batch_concepts, create_dataset
+from dataset import create_dataset
 from dataset.vqa_dataset import VQACollate
 from dataset.caption_dataset import as_list
 from engine.config import base_parser, parse_launcher
@@ -44,12 +44,7 @@ def main():
     collate = VQACollate(tokenizer, train=True, max_length=value(config, "max_tokens", "vqa"),
                          vc_max_tokens=value(config, "vc_max_tokens"))
 
-    def step(m, batch, alpha):
-        return m(batch["image"], (batch["question_ids"], batch["question_mask"]),
-                 (batch["answer_ids"], batch["answer_mask"]), alpha=alpha, k=batch["k"], weights=batch["weights"],
-                 concepts=batch_concepts(batch))
-
-    trainer = Trainer(args, config, env, model, train, collate, step, batch_size_key="batch_size_train",
+    trainer = Trainer(args, config, env, model, train, collate, batch_size_key="batch_size_train",
                       evaluate_fn=evaluate and (lambda m, epoch: evaluate(m, f"epoch{epoch}")))   # ALBEF: last epoch
     record = trainer.fit(resume=args.resume)
     final_summary(f"VQA, test split {', '.join(as_list(config['test_file']))}",

@@ -62,6 +62,10 @@ GROUPS = {
     },
     "GRIT-VLP / MAFA objective": {
         "use_momentum": K("bool", True, "momentum encoders and queue (false: GRIT's in-batch ITC)"),
+        "itc_loss": K("str", "softmax", "ITC's form: ALBEF's softmax over similarities / temp, or SigLIP's sigmoid "
+                      "over every pair (logit_scale, logit_bias)", choices=("softmax", "sigmoid")),
+        "siglip_init_scale": K("float", 10.0, "SigLIP: initial exp(logit_scale)", lo=0, open_lo=True),
+        "siglip_init_bias": K("float", -10.0, "SigLIP: initial logit_bias"),
         "itc_consistency_weight": K("float", 0.0, "GRIT's ITC consistency term (GRIT: 0.2)", lo=0),
         "itm_negative_selection": K("str", "multinomial", "ITM negatives: ALBEF's draw, GRIT's top-1, or uniform",
                                     choices=("multinomial", "argmax", "uniform")),

@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.timing import median_step_time   # noqa: E402
 from engine.config import load_config   # noqa: E402
+from models.batch import as_batch   # noqa: E402
 from models import MODELS   # noqa: E402
 from optim import create_optimizer   # noqa: E402
 
@@ -48,10 +49,10 @@ def measure(task, cfg, batch, device, precision, steps, warmup):
     def step():
         with ctx():
             if task == "retrieval":
-                out = model(image, text, alpha=0.4, idx=idx)
+                out = model(as_batch(image, text, idx=idx), alpha=0.4)
                 loss = sum(v for k, v in out.items() if k.startswith("loss"))
             else:
-                loss = model(image, text, targets=targets, alpha=0.4, train=True)
+                loss = model(as_batch(image, text, targets=targets), alpha=0.4)["loss_cls"]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -43,7 +43,7 @@ def environment(a, device):
 
 def _random_filter(size, device):
     """A randomly initialised retrieval model as the filter (demo or base size) and a tokenizer-free input."""
-    from models.ecm import ConnectionDiscriminator
+    from models.objectives.ecm import ConnectionDiscriminator
     from models.model_retrieval import ALBEF
     bert = {"vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
             "intermediate_size": 3072, "fusion_layer": 6, "encoder_width": 768, "max_position_embeddings": 512}
@@ -84,7 +84,7 @@ def _batches_data(a, cfg, tok, n_batches, batch, device):
 
 @torch.no_grad()
 def ecm_precision(a, device):
-    from models.ecm import decide, hardest_two
+    from models.objectives.ecm import decide, hardest_two
     if a.filter_config:
         from engine.config import load_config
         from engine.ecm_filter import build_discriminator

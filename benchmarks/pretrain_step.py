@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.timing import median_step_time   # noqa: E402
 from engine.config import load_config   # noqa: E402
-from models.ecm import ConnectionDiscriminator   # noqa: E402
+from models.batch import as_batch   # noqa: E402
+from models.objectives.ecm import ConnectionDiscriminator   # noqa: E402
 from models.model_pretrain import ALBEF   # noqa: E402
 from models.model_retrieval import ALBEF as RetrievalModel   # noqa: E402
 from optim import create_optimizer   # noqa: E402
@@ -75,7 +76,7 @@ def make_step(cfg, batch, device, attn, precision, with_filter=None, savings=Tru
 
     def step(m=run):
         with ctx():
-            out = m(image, text, alpha=alpha, concepts=concepts, hard_negatives=hn)
+            out = m(as_batch(image, text, concepts=concepts, hard_negatives=hn), alpha=alpha)
             loss = sum(v for k, v in out.items() if k.startswith("loss"))
         loss.backward()
         opt.step()

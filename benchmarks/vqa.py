@@ -47,8 +47,7 @@ def main():
         out = []
         with torch.no_grad():
             for s in range(0, a.questions, bs):
-                ids, _ = model(images[s:s + bs], (q_ids[s:s + bs], q_mask[s:s + bs]), (a_ids, a_mask), k=k,
-                               train=False)
+                ids, _ = model.answer(images[s:s + bs], q_ids[s:s + bs], q_mask[s:s + bs], a_ids, a_mask, k)
                 out.append(ids[:, 0])
         return torch.cat(out)
     rank(a.batch)   # warm-up
@@ -67,8 +66,9 @@ def main():
     w = torch.full((bs * per,), 1.0 / per, device=device)
 
     def step():
-        loss = model(images[:bs], (q_ids[:bs], q_mask[:bs]), (ans, torch.ones_like(ans)), alpha=0.4, k=kk,
-                     weights=w)["loss_vqa"]
+        loss = model({"image": images[:bs], "question_ids": q_ids[:bs], "question_mask": q_mask[:bs],
+                      "answer_ids": ans, "answer_mask": torch.ones_like(ans), "k": kk, "weights": w},
+                     alpha=0.4)["loss_vqa"]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -34,7 +34,7 @@ def create_dataset(name, config, seed=0):
             raise ValueError("missing required config key 'train_file'")
         tf = _train_tf(config, res, value(config, "train_crop_scale", task))
         if name == "pretrain":
-            from models.hard_negatives import enabled
+            from models.objectives.hard_negatives import enabled
             from dataset.shards import is_shards
             if is_shards(config["train_file"]):
                 return shard_stream(config, tf, seed, common, enabled(config))
@@ -142,18 +142,6 @@ def shard_loader(dataset, config, collate_fn):
     from utils import shard
     return DataLoader(Subset(dataset, list(shard(len(dataset)))), batch_size=eval_batch_size(config), shuffle=False,
                       num_workers=int(value(config, "num_workers")), collate_fn=collate_fn)
-
-
-def batch_hard_negatives(batch):
-    """The model's ``hard_negatives`` argument from a collated batch (None without them)."""
-    if "hn_input_ids" not in batch:
-        return None
-    return batch["hn_input_ids"], batch["hn_attention_mask"], batch["hn_valid"]
-
-
-def batch_concepts(batch):
-    """The model's ``concepts`` argument from a collated batch (None without visual concepts)."""
-    return (batch["kw_input_ids"], batch["kw_attention_mask"]) if "kw_input_ids" in batch else None
 
 
 def eval_collate(batch):

@@ -13,7 +13,8 @@ from collections import Counter
 
 import torch
 
-from dataset import batch_concepts, create_dataset, shard_loader
+from dataset import create_dataset, shard_loader
+from models.batch import concepts_of
 from dataset.cls_dataset import TASKS, ClsCollate
 from engine.config import base_parser, parse_launcher
 from dataset.caption_dataset import as_list
@@ -37,12 +38,12 @@ def predict(model, dataset, tokenizer, config, device, autocast=None):
     rows, bad, cut = [], 0, 0
     for batch in loader:
         cut += batch.get("texts_cut", 0)
-        concepts = batch_concepts(batch)
+        concepts = concepts_of(batch)
         if concepts is not None:
             concepts = tuple(c.to(device) for c in concepts)
-        text = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
         with autocast():
-            logits = model(batch["image"].to(device), text, train=False, concepts=concepts)
+            logits = model.predict(batch["image"].to(device), batch["input_ids"].to(device),
+                                   batch["attention_mask"].to(device), concepts=concepts)
         pred = logits.float().argmax(1)
         gold = batch["label"].to(device)
         confusion.index_put_((gold, pred), torch.ones_like(pred, dtype=confusion.dtype), accumulate=True)
@@ -133,12 +134,7 @@ def main(task, description, default_config, default_output):
     train = create_dataset(f"{task}_train", config, seed=args.seed)
     collate = ClsCollate(tokenizer, value(config, "vc_max_tokens"))
 
-    def step(m, batch, alpha):
-        text = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        return {"loss_cls": m(batch["image"], text, targets=batch["label"], alpha=alpha, train=True,
-                              concepts=batch_concepts(batch))}
-
-    trainer = Trainer(args, config, env, model, train, collate, step, batch_size_key="batch_size_train",
+    trainer = Trainer(args, config, env, model, train, collate, batch_size_key="batch_size_train",
                       select_metric=selection_metric(config, "val_accuracy", "val" in splits))
     if "val" in splits:
         trainer.evaluate_fn = lambda m, epoch: {

@@ -4,7 +4,7 @@ import os
 
 from engine.config import load_config, validate
 from models.checkpoint import load_checkpoint, strip_bert
-from models.ecm import ConnectionDiscriminator
+from models.objectives.ecm import ConnectionDiscriminator
 from models.model_retrieval import ALBEF as RetrievalModel
 from schema import value
 

@@ -24,7 +24,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from dataset import TextCollate, batch_concepts, create_dataset, shard_loader, tokenize_concepts
+from dataset import TextCollate, create_dataset, shard_loader, tokenize_concepts
+from models.batch import concepts_of
 from dataset.caption_dataset import AnnotationError
 from engine.config import base_parser, parse_launcher
 from engine.splits import check_split, selection_metric, with_texts_cut
@@ -140,7 +141,7 @@ def evaluate(model, dataset, tokenizer, refs, dets, config, device, mode, block_
     rows, shown, cut = [], [], 0
     for batch in loader:
         cut += batch.get("texts_cut", 0)
-        concepts = batch_concepts(batch)
+        concepts = concepts_of(batch)
         if concepts is not None:
             concepts = tuple(c.to(device) for c in concepts)
         with autocast():
@@ -300,11 +301,7 @@ def main():
     collate = TextCollate(tokenizer, max_length=30, truncation=False,   # ALBEF: longest, untruncated
                           vc_max_tokens=value(config, "vc_max_tokens"))
 
-    def step(m, batch, alpha):
-        return m(batch["image"], {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
-                 alpha=alpha, idx=batch["idx"], concepts=batch_concepts(batch))
-
-    trainer = Trainer(args, config, env, model, train, collate, step, batch_size_key="batch_size_train",
+    trainer = Trainer(args, config, env, model, train, collate, batch_size_key="batch_size_train",
                       select_metric=selection_metric(config, "val_d", "val" in present))
     if present:
         trainer.evaluate_fn = lambda m, epoch: {k: v for k, v in run_eval(m, trainer.autocast, f"epoch{epoch}",

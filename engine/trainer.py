@@ -1,8 +1,7 @@
 """The one training engine every launcher uses.
 
-A launcher gives: the model, the training dataset and its collate function, a ``step_fn(model, batch,
-alpha)`` returning a dict of named losses (``loss_*``, plus whatever its components read: detached
-``feats``, ``count_*``), optionally ``evaluate_fn(model, epoch)`` returning metrics, and the components of
+A launcher gives: the model (``model(batch, alpha)`` returns a dict of named losses, ``loss_*``, plus whatever
+the components read: detached ``feats``, ``count_*``), the training dataset and its collate function, optionally ``evaluate_fn(model, epoch)`` returning metrics, and the components of
 its method (``engine.components``: GRIT, statistics, ...). The engine owns distribution, precision, the
 loop, accumulation, clipping, the schedule, logging, checkpoints (atomic, every epoch and every N steps,
 resumable mid-epoch and mid-evaluation) and model selection; it knows no method by name.
@@ -147,12 +146,12 @@ def default_components(config):
 
 
 class Trainer:
-    def __init__(self, args, config, env, model, train_dataset, collate_fn, step_fn, evaluate_fn=None,
+    def __init__(self, args, config, env, model, train_dataset, collate_fn, evaluate_fn=None,
                  select_metric=None, batch_size_key="batch_size", components=None, sampler=None):
         self.args, self.config, self.env = args, config, env
         self.model = model.to(env.device)
         self.dataset, self.collate_fn = train_dataset, collate_fn
-        self.step_fn, self.evaluate_fn = step_fn, evaluate_fn
+        self.evaluate_fn = evaluate_fn
         self.select_metric = select_metric
         self.batch_size = int(config.get(batch_size_key) or value(config, "batch_size"))
         self.output_dir = args.output_dir
@@ -342,7 +341,7 @@ class Trainer:
         sync = self.ddp.no_sync() if (self.ddp is not None and not boundary) else contextlib.nullcontext()
         with sync:
             with self.autocast():
-                out = self.step_fn(model, batch, alpha)
+                out = model(batch, alpha=alpha)
             loss = sum(self.loss_weights.get(k, 1.0) * v for k, v in out.items() if k.startswith("loss"))
             (loss / self.accum).backward()
         if boundary:

@@ -7,7 +7,8 @@ import os
 
 import torch
 
-from dataset import batch_concepts, shard_loader
+from dataset import shard_loader
+from models.batch import concepts_of
 from dataset.vqa_dataset import VQACollate, read_answer_list
 from engine.splits import check_split, with_texts_cut
 from schema import value
@@ -33,13 +34,12 @@ def predict(model, dataset, answer_list, tokenizer, config, device, autocast=Non
     k = int(value(config, "k_test"))
     for batch in loader:
         cut += batch.get("texts_cut", 0)
-        concepts = batch_concepts(batch)
+        concepts = concepts_of(batch)
         if concepts is not None:
             concepts = tuple(c.to(device) for c in concepts)
         with autocast():
-            ids, _ = model(batch["image"].to(device), (batch["question_ids"].to(device),
-                                                       batch["question_mask"].to(device)),
-                           (a_ids, a_mask), k=k, train=False, concepts=concepts)
+            ids, _ = model.answer(batch["image"].to(device), batch["question_ids"].to(device),
+                                  batch["question_mask"].to(device), a_ids, a_mask, k, concepts=concepts)
         for qid, p in zip(batch["question_id"], ids[:, 0].tolist()):   # re-ranked: the best comes first
             results.append({"question_id": qid, "answer": answer_list[p]})
         bad += len(batch["bad"])

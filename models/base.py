@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import concepts as vc
-from models import objectives
+from models.batch import concepts_of
+from models.objectives import Step
 from models.checkpoint import init_text_encoder, init_visual_encoder
 from models.momentum import MomentumMixin
 from models.vit import build_vit
@@ -104,17 +105,6 @@ class ALBEFBase(MomentumMixin, nn.Module):
         self.ita_hidden_weight = float(value(config, "ita_hidden_weight"))
         self.ita_hidden_weights = [float(w) for w in weights]
 
-    def hidden_itc(self, image_hidden, text_hidden):
-        """Weighted sum of the H-ITC levels from the per-block / per-layer states of the online encoders."""
-        n = self.num_hidden_align
-        vis, txt = image_hidden[-1 - n:-1], text_hidden[-1 - n:-1]
-        total = 0.0
-        for level in range(n):
-            v = F.normalize(self.vision_proj_hidden[level](vis[level][:, 0]).float(), dim=-1)
-            t = F.normalize(self.text_proj_hidden[level](txt[level][:, 0]).float(), dim=-1)
-            total = total + self.ita_hidden_weights[level] * objectives.hidden_itc_loss(v, t, self.temp)
-        return self.ita_hidden_weight * total
-
     @property
     def text_bert(self):
         """The BertModel inside ``text_encoder`` (the MLM wrapper's ``.bert`` or the encoder itself)."""
@@ -181,54 +171,40 @@ class ALBEFBase(MomentumMixin, nn.Module):
     def clamp_temp(self):
         self.temp.clamp_(0.001, 0.5)
 
-    # ---- objectives
-    def itc(self, image_feat, text_feat, image_feat_m, text_feat_m, positives, alpha, extra_i2t=None):
-        """ITC against momentum features + queue. ``positives`` is [bs, bs + Q] bool. Returns (loss, sims).
-        ``extra_i2t``: more image->text logit columns (CE-CLIP's hard negatives), with target 0."""
-        with objectives.fp32(image_feat.device):
-            image_feat_all = torch.cat([image_feat_m.t(), self.image_queue.clone().detach()], dim=1).float()
-            text_feat_all = torch.cat([text_feat_m.t(), self.text_queue.clone().detach()], dim=1).float()
-            temp = self.temp.float()
-            sim_i2t = image_feat.float() @ text_feat_all / temp
-            sim_t2i = text_feat.float() @ image_feat_all / temp
-            with torch.no_grad():
-                pos = positives.float()
-                if torch.is_tensor(alpha) or alpha > 0:   # a tensor alpha (compiled steps) takes this branch
-                    t_i2t = objectives.itc_targets(image_feat_m.float() @ text_feat_all / temp, pos, alpha)
-                    t_t2i = objectives.itc_targets(text_feat_m.float() @ image_feat_all / temp, pos, alpha)
-                else:
-                    t_i2t = t_t2i = objectives.itc_targets(None, pos, 0)
-            loss = (objectives.soft_target_ce(*with_columns(sim_i2t, t_i2t, extra_i2t)) +
-                    objectives.soft_target_ce(sim_t2i, t_t2i)) / 2
-        return loss, sim_i2t, sim_t2i
+    # ---- a contrastive step: encode once, then the objectives in order (models/objectives/__init__.py)
+    def set_epoch(self, epoch):
+        for o in getattr(self, "objectives", ()):
+            o.on_epoch(self, epoch)
 
-    def in_batch_sims(self, image_feat, text_feat):
-        """(sim_i2t, sim_t2i) over the batch only (GRIT-VLP): the keys are the other modality's features,
-        detached as in GRIT (each direction trains one tower, as with ALBEF's momentum keys)."""
-        with objectives.fp32(image_feat.device):
-            temp = self.temp.float()
-            image_feat, text_feat = image_feat.float(), text_feat.float()
-            return image_feat @ text_feat.detach().t() / temp, text_feat @ image_feat.detach().t() / temp
+    def teacher(self, s):
+        """The momentum encoders' features (and image states, for MLM's distillation), after the EMA update."""
+        with torch.no_grad():
+            self._momentum_update()
+            s.image_embeds_m, s.image_feat_m = self.encode_image(s.image, momentum=True, concepts=s.concepts)
+            _, s.text_feat_m = self.encode_text(s.input_ids, s.attention_mask, momentum=True)
 
-    def in_batch_itc_loss(self, sim_i2t, sim_t2i, targets_i2t, targets_t2i, extra_i2t=None):
-        """Soft-target ITC over in-batch similarities; with ``itc_consistency_weight`` > 0 each direction is
-        also pulled toward the other's detached distribution (GRIT's consistency term)."""
-        with objectives.fp32(sim_i2t.device):
-            loss = (objectives.soft_target_ce(*with_columns(sim_i2t, targets_i2t, extra_i2t)) +
-                    objectives.soft_target_ce(sim_t2i, targets_t2i)) / 2
-            if self.itc_consistency > 0:
-                with torch.no_grad():
-                    p_i2t, p_t2i = sim_i2t.float().softmax(1), sim_t2i.float().softmax(1)
-                consistency = (objectives.soft_target_ce(sim_i2t, p_t2i) +
-                               objectives.soft_target_ce(sim_t2i, p_i2t)) / 2
-                loss = loss + self.itc_consistency * consistency
-        return loss
-
-    def itc_in_batch(self, image_feat, text_feat, positives, extra_i2t=None):
-        """GRIT's ITC: in-batch similarities, targets spread over ``positives``. Returns (loss, sims)."""
-        sim_i2t, sim_t2i = self.in_batch_sims(image_feat, text_feat)
-        targets = objectives.itc_targets(None, positives.float(), 0)
-        return self.in_batch_itc_loss(sim_i2t, sim_t2i, targets, targets.t(), extra_i2t), sim_i2t, sim_t2i
+    def run_objectives(self, batch, alpha=0.0):
+        """(named outputs, the step) of ``self.objectives`` on a collated batch (``image``, ``input_ids``,
+        ``attention_mask``, ``idx`` and what the objectives read: ``kw_*`` concepts, ``hn_*`` negatives)."""
+        self.clamp_temp()
+        hidden = any(o.needs_hidden for o in self.objectives)
+        s = Step(batch, alpha, batch["input_ids"], batch["attention_mask"], batch["image"], concepts_of(batch))
+        img = self.encode_image(s.image, hidden=hidden, concepts=s.concepts)
+        txt = self.encode_text(s.input_ids, s.attention_mask, hidden=hidden)
+        s.image_embeds, s.image_feat, s.text_embeds, s.text_feat = img[0], img[1], txt[0], txt[1]
+        if hidden:
+            s.image_hidden, s.text_hidden = img[2], txt[2]
+        for o in self.objectives:
+            o.prepare(self, s)
+        s.image_atts = self.image_atts(s.image_embeds, s.concepts)
+        s.image_embeds = self.shared_kv(s.image_embeds)   # one K/V projection per fusion layer for ITM and MLM
+        if self.use_momentum:
+            self.teacher(s)
+        out = {}
+        for o in self.objectives:
+            for k, v in o(self, s).items():
+                out[k] = out[k] + v if k in out else v
+        return out, s
 
     def shared_kv(self, image_embeds):
         """``image_embeds`` as a ``SharedImageKV`` (the fusion passes of one step share its K/V projections),
@@ -238,57 +214,4 @@ class ALBEFBase(MomentumMixin, nn.Module):
             return image_embeds
         return SharedImageKV(image_embeds)
 
-    def itm(self, text_embeds, text_atts, image_embeds, sim_i2t, sim_t2i, positives, hard=None, image_atts=None):
-        """ITM on bs positives + bs (text, hard image) + bs (hard text, image) pairs.
-
-        ``positives`` [bs, bs] bool marks pairs that must not be drawn as negatives. Returns (loss, extras).
-        """
-        bs = text_embeds.shape[0]
-        with torch.no_grad():
-            hard = hard or self.itm_hard
-            if hard == "uniform":
-                pick = lambda sim, pos: objectives.random_negatives(pos)   # noqa: E731
-            else:
-                pick = objectives.sample_hard_negatives if hard == "multinomial" else objectives.topk_hard_negatives
-            neg_img, valid_t2i = pick(sim_t2i[:, :bs], positives)
-            neg_txt, valid_i2t = pick(sim_i2t[:, :bs], positives)
-        zeros = torch.zeros(2 * bs, dtype=torch.long, device=text_embeds.device)
-        return self.itm_pairs(text_embeds, text_atts, image_embeds, neg_img, neg_txt, zeros,
-                              torch.cat([valid_t2i, valid_i2t]).float(), image_atts)
-
-    def itm_pairs(self, text_embeds, text_atts, image_embeds, neg_img, neg_txt, neg_labels, neg_weights,
-                  image_atts=None):
-        """ITM over the bs positives, (text k, image neg_img[k]) and (text neg_txt[k], image k), the last 2bs
-        with labels ``neg_labels`` (MAFA turns connections into 1s) and weights ``neg_weights``."""
-        bs = text_embeds.shape[0]
-        if image_atts is None:
-            image_atts = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
-        image_embeds = self.shared_kv(image_embeds)
-        text_all = torch.cat([text_embeds, text_embeds[neg_txt]], dim=0)
-        atts_all = torch.cat([text_atts, text_atts[neg_txt]], dim=0)
-        image_all = image_embeds[torch.cat([neg_img, torch.arange(bs, device=neg_img.device)])]
-        cls_pos = self.fuse(text_embeds, text_atts, image_embeds, image_atts)
-        cls_neg = self.fuse(text_all, atts_all, image_all, torch.cat([image_atts[neg_img], image_atts], dim=0))
-        logits = self.itm_head(torch.cat([cls_pos, cls_neg], dim=0))
-        labels = torch.cat([torch.ones(bs, dtype=torch.long, device=logits.device), neg_labels.to(logits.device)])
-        weights = torch.cat([torch.ones(bs, device=logits.device), neg_weights.to(logits.device)])
-        loss = objectives.itm_loss(logits, labels, weights)
-        return loss, {"itm_logits": logits, "neg_image_idx": neg_img, "neg_text_idx": neg_txt}
-
-
-def with_columns(logits, targets, extra):
-    """(logits, targets) with ``extra`` logit columns appended at target 0 (the consistency term and ITM
-    read the original columns only)."""
-    if extra is None:
-        return logits, targets
-    return torch.cat([logits, extra.to(logits.dtype)], 1), torch.cat([targets, targets.new_zeros(extra.shape)], 1)
-
-
-def text_inputs(text):
-    """(input_ids, attention_mask) from a BatchEncoding, a dict or a tuple."""
-    if isinstance(text, (tuple, list)):
-        return text[0], text[1]
-    return text["input_ids"], text["attention_mask"]
-
-
-__all__ = ["ALBEFBase", "BertForMaskedLM", "BertLMHeadModel", "BertModel", "bert_config_from", "text_inputs"]
+__all__ = ["ALBEFBase", "BertForMaskedLM", "BertLMHeadModel", "BertModel", "bert_config_from"]

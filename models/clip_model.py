@@ -11,8 +11,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from models import hard_negatives
-from models.objectives import soft_target_ce
+from models.objectives import hard_negatives
+from models.objectives.functional import soft_target_ce
+from models.objectives.itc import with_columns
 from utils import all_gather_with_grad, get_rank
 
 
@@ -51,7 +52,8 @@ def build_open_clip(config):
 
 
 class CLIPWithHardNegatives(torch.nn.Module):
-    """``forward(image, text_ids, hard_negatives=(ids [4B, L], valid [B, 4]))`` -> named losses."""
+    """``forward(batch)`` -> named losses; the batch has ``image``, ``text`` (token ids) and, with a hard-negative
+    loss, ``hn_text`` ([4B, L]) and ``hn_valid`` ([B, 4])."""
 
     def __init__(self, config, clip=None):
         super().__init__()
@@ -67,7 +69,8 @@ class CLIPWithHardNegatives(torch.nn.Module):
         if self.hn is not None:
             self.hn.on_epoch(epoch)
 
-    def forward(self, image, text, hard_negatives=None, alpha=None):
+    def forward(self, batch, alpha=None):
+        image, text = batch["image"], batch["text"]
         self.clamp_temp()
         image_feat = F.normalize(self.clip.encode_image(image).float(), dim=-1)
         text_feat = F.normalize(self.clip.encode_text(text).float(), dim=-1)
@@ -81,12 +84,11 @@ class CLIPWithHardNegatives(torch.nn.Module):
         sim_i2t, sim_t2i = image_feat @ text_all.t() / temp, text_feat @ image_all.t() / temp
         extra = hn_feat = None
         if self.hn is not None:
-            if hard_negatives is None:
+            if "hn_text" not in batch:
                 raise ValueError("a hard-negative loss is on but the batch has no hard negatives")
-            hn_ids, valid = hard_negatives
+            hn_ids, valid = batch["hn_text"], batch["hn_valid"]
             hn_feat = F.normalize(self.clip.encode_text(hn_ids).float(), dim=-1)
             extra = self.hn.extra_i2t(image_feat, hn_feat, valid, temp)
-        from models.base import with_columns
         loss = (soft_target_ce(*with_columns(sim_i2t, targets, extra)) + soft_target_ce(sim_t2i, targets)) / 2
         out = {"loss_ita": loss, "feats": (image_feat.detach(), text_feat.detach())}
         if self.hn is not None:

@@ -1,7 +1,8 @@
 """ALBEF NLVR2 model: two images, each fusion layer doubled, cross-attention keys/values shared per pair."""
 import torch
 
-from models.base import ALBEFBase, BertModel, text_inputs
+from models.base import ALBEFBase, BertModel
+from models.batch import concepts_of
 from models.classifier import cls_head, distilled_ce
 from schema import value
 
@@ -20,7 +21,8 @@ def share_cross_attention(encoder, fusion_layer):
 
 
 class ALBEF(ALBEFBase):
-    """``forward(image, text, targets, alpha, train)``; ``image`` = cat([first images, second images])."""
+    """``forward(batch, alpha)``: ``{'loss_cls'}``; ``predict``: the logits. ``image`` = cat([first images,
+    second images])."""
 
     def __init__(self, config, tokenizer=None):
         super().__init__()
@@ -43,14 +45,13 @@ class ALBEF(ALBEFBase):
                    encoder_attention_mask=[atts0, atts1])
         return head(out.last_hidden_state[:, 0])
 
-    def forward(self, image, text, targets=None, alpha=0.0, train=True, concepts=None):
-        input_ids, attention_mask = text_inputs(text)
+    def forward(self, batch, alpha=0.0):
+        image, input_ids, attention_mask = batch["image"], batch["input_ids"], batch["attention_mask"]
+        concepts = concepts_of(batch)
         prediction = self.predict(image, input_ids, attention_mask, concepts=concepts)
-        if not train:
-            return prediction
         prediction_m = None
         if self.distill:
             with torch.no_grad():
                 self._momentum_update()
                 prediction_m = self.predict(image, input_ids, attention_mask, momentum=True, concepts=concepts)
-        return distilled_ce(prediction, targets, prediction_m, alpha)
+        return {"loss_cls": distilled_ce(prediction, batch["label"], prediction_m, alpha)}

@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import ALBEFBase, BertModel, bert_config_from, text_inputs
+from models.base import ALBEFBase, BertModel, bert_config_from
+from models.batch import concepts_of
 from models.model_nlvr import nlvr_num_layers, share_cross_attention
 
 TA_TEMP = 0.07   # ALBEF uses a constant here, not the learnable temp
@@ -11,7 +12,7 @@ IGNORE = -100    # a caption whose batch has no other image: no label, no loss
 
 
 class ALBEF(ALBEFBase):
-    """``forward(image, text)`` returns ``{'loss_ta'}``; labels 0 = first image, 1 = second, 2 = neither.
+    """``forward(batch)`` returns ``{'loss_ta'}``; labels 0 = first image, 1 = second, 2 = neither.
 
     ``vision_proj`` (used only without gradient, to draw the partner images), ``text_proj`` and ``temp`` never
     reach the loss, so they are frozen: under DDP every trainable parameter then gets a gradient each step and
@@ -57,8 +58,9 @@ class ALBEF(ALBEFBase):
         label = torch.where(single, torch.where(own_first, 0, 1), 2)
         return img0, img1, label
 
-    def forward(self, image, text, alpha=0.0, idx=None, concepts=None):
-        input_ids, attention_mask = text_inputs(text)
+    def forward(self, batch, alpha=0.0):
+        image, input_ids, attention_mask = batch["image"], batch["input_ids"], batch["attention_mask"]
+        concepts = concepts_of(batch)
         image_embeds = self.image_tokens(image, concepts)
         atts = self.image_atts(image_embeds, concepts)
         with torch.no_grad():

@@ -2,15 +2,16 @@
 import torch
 import torch.nn.functional as F
 
-from models.base import ALBEFBase, BertLMHeadModel, BertModel, text_inputs
+from models.base import ALBEFBase, BertLMHeadModel, BertModel
+from models.batch import concepts_of
 from schema import value
 
 
 class ALBEF(ALBEFBase):
-    """Training: ``forward(image, question, answer, alpha, k, weights)`` -> ``{"loss_vqa": loss}``.
-    Inference: ``forward(image, question, answer_list_tokens, k=k_test, train=False)`` -> (topk_ids, topk_probs).
-
-    ``k[b]`` answers belong to question ``b`` (flattened in order); ``weights`` are their weights.
+    """Training: ``forward(batch, alpha)`` -> ``{"loss_vqa": loss}``; the batch has ``question_ids`` /
+    ``question_mask``, the flattened ``answer_ids`` / ``answer_mask`` with their ``weights``, and ``k[b]``: how
+    many answers belong to question ``b``. Inference: ``answer(image, question_ids, question_mask,
+    answer_list_ids, answer_list_mask, k_test)`` -> (topk_ids, topk_probs).
     """
 
     def __init__(self, config, tokenizer=None):
@@ -38,13 +39,15 @@ class ALBEF(ALBEFBase):
         return bert(input_ids=q_ids, attention_mask=q_mask, encoder_hidden_states=image_embeds,
                     encoder_attention_mask=self.image_atts(image_embeds, concepts)).last_hidden_state
 
-    def forward(self, image, question, answer, alpha=0.0, k=None, weights=None, train=True, concepts=None):
-        q_ids, q_mask = text_inputs(question)
-        a_ids, a_mask = text_inputs(answer)
-        if not train:
-            states = self.encode_question(image, q_ids, q_mask, concepts=concepts)
-            return self.rank_answer(states, q_mask, a_ids, a_mask, k)
-        k = torch.as_tensor(k, device=image.device)
+    @torch.no_grad()
+    def answer(self, image, q_ids, q_mask, a_ids, a_mask, k, concepts=None):
+        states = self.encode_question(image, q_ids, q_mask, concepts=concepts)
+        return self.rank_answer(states, q_mask, a_ids, a_mask, k)
+
+    def forward(self, batch, alpha=0.0):
+        image, q_ids, q_mask = batch["image"], batch["question_ids"], batch["question_mask"]
+        a_ids, a_mask, weights, concepts = batch["answer_ids"], batch["answer_mask"], batch["weights"], concepts_of(batch)
+        k = torch.as_tensor(batch["k"], device=image.device)
         n = a_ids.shape[0]   # sum(k), known on the host: repeat_interleave needs no device sync
         targets = a_ids.masked_fill(a_ids == self.pad_token_id, -100)
         states = self.encode_question(image, q_ids, q_mask, concepts=concepts).repeat_interleave(k, dim=0,

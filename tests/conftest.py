@@ -46,3 +46,4 @@ def tiny_world(tmp_path_factory):
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: launcher, multi-process and compile tests (pytest -m 'not slow' skips "
                             "them: the core in under 3 minutes)")
+

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from models.batch import as_batch
 from conftest import tiny_config, tiny_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +49,7 @@ def test_text_assignment_draws_partners_by_similarity_with_the_three_labels():
     assert labels.tolist() == [-100]
     m = ALBEF(tiny_config())
     q = tiny_text(1)
-    out = m(torch.randn(1, 3, 32, 32), q)
+    out = m(as_batch(torch.randn(1, 3, 32, 32), q))
     assert out["loss_ta"].item() == 0.0 and out["loss_ta"].requires_grad
 
 
@@ -67,7 +68,7 @@ def test_text_assignment_freezes_what_the_loss_never_reaches():
     from models.model_pretrain_nlvr import ALBEF
     torch.manual_seed(0)
     m = ALBEF(tiny_config())
-    m(torch.randn(6, 3, 32, 32), tiny_text(6))["loss_ta"].backward()
+    m(as_batch(torch.randn(6, 3, 32, 32), tiny_text(6)))["loss_ta"].backward()
     trainable = {n for n, p in m.named_parameters() if p.requires_grad}
     no_grad = {n for n, p in m.named_parameters() if p.requires_grad and p.grad is None}
     assert not no_grad, no_grad
@@ -81,7 +82,7 @@ def test_every_trainable_parameter_of_the_finetuning_models_gets_a_gradient(task
     torch.manual_seed(0)
     m = MODELS[task](tiny_config())
     n_img = 2 if task == "nlvr" else 1
-    m(torch.randn(3 * n_img, 3, 32, 32), tiny_text(3), targets=torch.tensor([0, 1, 1]), alpha=0.4).backward()
+    m(as_batch(torch.randn(3 * n_img, 3, 32, 32), tiny_text(3), targets=torch.tensor([0, 1, 1])), alpha=0.4)["loss_cls"].backward()
     assert not [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None]
     assert not [n for n, p in m.named_parameters() if n.split(".")[0].endswith("_m") and p.requires_grad]
 
@@ -367,9 +368,10 @@ def test_vicha_concepts_flow_through_nlvr_ve_and_text_assignment(tmp_path, tiny_
     torch.manual_seed(0)
     m = MODELS["nlvr"](cfg)
     text = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    loss = m(batch["image"], text, targets=batch["label"], alpha=0.4, concepts=(ids, batch["kw_attention_mask"]))
+    loss = m(as_batch(batch["image"], text, targets=batch["label"], concepts=(ids, batch["kw_attention_mask"])), alpha=0.4)["loss_cls"]
     loss.backward()
     assert torch.isfinite(loss) and m.kw_encoder.encoder.layer[0].attention.self.query.weight.grad is not None
     ta = MODELS["pretrain_nlvr"](cfg)
-    out = ta(batch["image"][:4], text, concepts=(ids[:4], batch["kw_attention_mask"][:4]))
+    out = ta(as_batch(batch["image"][:4], (text["input_ids"][:4], text["attention_mask"][:4]),
+                      concepts=(ids[:4], batch["kw_attention_mask"][:4])))
     assert torch.isfinite(out["loss_ta"])

@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from models.batch import as_batch
 from conftest import tiny_config, tiny_text
 from dataset import TextCollate, create_dataset
 from dataset.caption_dataset import AnnotationError
@@ -129,12 +130,12 @@ def test_pretraining_with_concepts_trains_the_concept_encoder(use_momentum):
     torch.manual_seed(0)
     model = MODELS["pretrain"](vc_config(use_momentum=use_momentum, distill=use_momentum))
     assert hasattr(model, "kw_encoder_m") == use_momentum and hasattr(model, "kw_proj_m") == use_momentum
-    out = model(torch.randn(4, 3, 32, 32), tiny_text(4), alpha=0.4, concepts=concepts())
+    out = model(as_batch(torch.randn(4, 3, 32, 32), tiny_text(4), concepts=concepts()), alpha=0.4)
     sum(v for k, v in out.items() if k.startswith("loss")).backward()
     assert model.kw_proj.weight.grad.abs().sum() > 0
     assert model.kw_encoder.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="kwords"):
-        model(torch.randn(4, 3, 32, 32), tiny_text(4))
+        model(as_batch(torch.randn(4, 3, 32, 32), tiny_text(4)))
 
 
 def test_fast_retrieval_scores_equal_the_reference_with_concepts(tiny_world, tmp_path):
@@ -263,7 +264,7 @@ def test_offline_pipeline_end_to_end_resumes_and_trains(tmp_path, tiny_world):
     batch = TextCollate(tok)([ds[i] for i in range(4)])
     model = MODELS["pretrain"](cfg, tok)
     from dataset.transforms import normalize_uint8   # the engine's step does this on the device
-    out = model(normalize_uint8(batch["image"]), batch, concepts=(batch["kw_input_ids"], batch["kw_attention_mask"]))
+    out = model(dict(batch, image=normalize_uint8(batch["image"])))
     assert torch.isfinite(out["loss_ita"] + out["loss_itm"] + out["loss_mlm"])
 
 
@@ -301,11 +302,11 @@ def test_downstream_models_take_concepts_with_their_momentum_copies():
     text, targets = tiny_text(4), torch.tensor([0, 1, 2, 1])
     ve = MODELS["ve"](vc_config())
     assert hasattr(ve, "kw_encoder_m")
-    ve(torch.randn(4, 3, 32, 32), text, targets, alpha=0.4, concepts=concepts()).backward()
+    ve(as_batch(torch.randn(4, 3, 32, 32), text, targets=targets, concepts=concepts()), alpha=0.4)["loss_cls"].backward()
     assert ve.kw_proj.weight.grad.abs().sum() > 0
     nlvr = MODELS["nlvr"](vc_config())   # two images per text: kwords1 rows, then kwords2 rows
     ids, mask = concepts(8, short=(0, 5))
-    nlvr(torch.randn(8, 3, 32, 32), text, targets % 2, alpha=0.4, concepts=(ids, mask)).backward()
+    nlvr(as_batch(torch.randn(8, 3, 32, 32), text, targets=targets % 2, concepts=(ids, mask)), alpha=0.4)["loss_cls"].backward()
     assert nlvr.kw_encoder.embeddings.word_embeddings.weight.grad.abs().sum() > 0
     vqa = MODELS["vqa"](vc_config())
     states = vqa.encode_question(torch.randn(4, 3, 32, 32), text["input_ids"], text["attention_mask"],
@@ -323,7 +324,7 @@ def test_every_vicha_component_composes_with_mafa():
     filt = FixedFilter(MODELS["retrieval"](tiny_config(use_momentum=False, distill=False)),
                        p_t2i=torch.tensor([0.9, 0.1, 0.6, 0.8]), p_i2t=torch.tensor([0.2, 0.85, 0.5, 0.49]))
     model.set_discriminator(filt)
-    out = model(torch.randn(4, 3, 32, 32), tiny_text(4), concepts=concepts())
+    out = model(as_batch(torch.randn(4, 3, 32, 32), tiny_text(4), concepts=concepts()))
     assert out["count_ecm_connections"] == 3 and "loss_mae" in out
     sum(v for k, v in out.items() if k.startswith("loss")).backward()
     for module in (model.kw_proj, model.vision_proj_hidden[0], model.decoder_embed, model.itm_head):

@@ -4,10 +4,11 @@ import json
 import pytest
 import torch
 
+from models.batch import as_batch
 from conftest import tiny_config, tiny_text
 from models import MODELS
 from engine.ecm_filter import build_discriminator
-from models.ecm import (AMBIGUOUS, CONNECTION, NEGATIVE, ConnectionDiscriminator, decide,
+from models.objectives.ecm import (AMBIGUOUS, CONNECTION, NEGATIVE, ConnectionDiscriminator, decide,
                         hardest_two, itm_negatives, s_itc_targets)
 
 
@@ -61,7 +62,8 @@ class FixedFilter(ConnectionDiscriminator):
         return self.p
 
 
-def test_mafa_forward_builds_itm_mlm_and_itc_inputs_from_ecm():
+def test_mafa_forward_builds_itm_mlm_and_itc_inputs_from_ecm(monkeypatch):
+    from models.objectives import itm as itm_module, mlm as mlm_module
     torch.manual_seed(0)
     cfg = tiny_config(use_momentum=False, distill=False, itc_label_smoothing=0.5, smoothing_start_epoch=1)
     model = MODELS["pretrain"](cfg).eval()   # no dropout: the features can be recomputed below
@@ -69,20 +71,21 @@ def test_mafa_forward_builds_itm_mlm_and_itc_inputs_from_ecm():
                        p_t2i=torch.tensor([0.9, 0.1, 0.6, 0.8]), p_i2t=torch.tensor([0.2, 0.85, 0.5, 0.49]))
     model.set_discriminator(filt)
     seen = {}
-    itm_pairs, mlm = model.itm_pairs, model.mlm
+    itm_pairs, mlm = itm_module.itm_pairs, mlm_module.mlm
 
-    def spy_itm(*a):
+    def spy_itm(m, *a):
         seen["itm"] = a
-        return itm_pairs(*a)
+        return itm_pairs(m, *a)
 
-    def spy_mlm(ids, att, img, *rest):
+    def spy_mlm(m, ids, att, img, *rest):
         seen["mlm"] = (ids, img)
-        return mlm(ids, att, img, *rest)
+        return mlm(m, ids, att, img, *rest)
 
-    model.itm_pairs, model.mlm = spy_itm, spy_mlm
+    monkeypatch.setattr(itm_module, "itm_pairs", spy_itm)
+    monkeypatch.setattr(mlm_module, "mlm", spy_mlm)
     image, text = torch.randn(4, 3, 32, 32), tiny_text(4, pad_first=False)
     model.set_epoch(1)
-    out = model(image, text)
+    out = model(as_batch(image, text))
     with torch.no_grad():   # the hardest negatives the model saw
         _, img_f = model.encode_image(image)
         _, txt_f = model.encode_text(text["input_ids"], text["attention_mask"])

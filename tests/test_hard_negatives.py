@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from models.batch import as_batch
 from conftest import tiny_config, tiny_text
-from models.hard_negatives import HardNegativeLosses
+from models.objectives.hard_negatives import HardNegativeLosses
 
 CE = dict(hn_itc=True, cmr_weight=0.2, imc_weight=0.3)
 
@@ -87,8 +88,8 @@ def test_no_valid_negative_costs_nothing_and_gives_finite_losses():
 
 def test_itc_hn_columns_get_target_zero_and_invalid_ones_no_mass():
     """ALBEF's ITC with the columns appended: the same as a hand soft-target CE over [sims, hn / temp]."""
-    from models.base import with_columns
-    from models.objectives import soft_target_ce
+    from models.objectives.itc import with_columns
+    from models.objectives.functional import soft_target_ce
     v, t, h, valid = feats()
     loss = HardNegativeLosses(dict(CE))
     cols = loss.extra_i2t(v, h, valid, torch.tensor(0.07))
@@ -142,21 +143,21 @@ def test_pretraining_model_trains_with_the_ce_losses(recipe):
     torch.manual_seed(0)
     model = MODELS["pretrain"](tiny_config(**CE, **extra[recipe]))
     if recipe == "mafa":
-        from models.ecm import ConnectionDiscriminator
+        from models.objectives.ecm import ConnectionDiscriminator
         filt = MODELS["retrieval"](tiny_config(use_momentum=False, distill=False))
         model.set_discriminator(ConnectionDiscriminator(filt, 0.0, 0.0))
     kw = {}
     if recipe == "vicha":
         c = tiny_text(4, n=5, seed=3)
         kw["concepts"] = (c["input_ids"], c["attention_mask"])
-    out = model(torch.randn(4, 3, 32, 32), tiny_text(4), alpha=torch.tensor(0.4), hard_negatives=hn_batch(), **kw)
+    out = model(as_batch(torch.randn(4, 3, 32, 32), tiny_text(4), hard_negatives=hn_batch(), **kw), alpha=torch.tensor(0.4))
     assert {"loss_cmr", "loss_imc", "loss_ita"} <= out.keys()
     sum(v for k, v in out.items() if k.startswith("loss")).backward()
     grad = model.text_encoder.bert.embeddings.word_embeddings.weight.grad
     assert grad is not None and torch.isfinite(grad).all()
     assert "hn.theta" in model.state_dict()
     with pytest.raises(ValueError, match="no hard negatives"):
-        model(torch.randn(4, 3, 32, 32), tiny_text(4), alpha=0.4, **kw)
+        model(as_batch(torch.randn(4, 3, 32, 32), tiny_text(4), **kw), alpha=0.4)
 
 
 def test_ce_columns_change_only_the_itc_loss_and_need_no_queue_entry():
@@ -171,7 +172,7 @@ def test_ce_columns_change_only_the_itc_loss_and_need_no_queue_entry():
     outs = []
     for m, kw in ((plain, {}), (ce, {"hard_negatives": hn_batch()})):
         torch.manual_seed(1)
-        outs.append(m(image, text, alpha=0.4, **kw))
+        outs.append(m(as_batch(image, text, **kw), alpha=0.4))
     assert torch.equal(plain.text_queue, ce.text_queue) and int(plain.queue_ptr) == int(ce.queue_ptr)
     for k in ("loss_itm", "loss_mlm"):
         assert torch.allclose(outs[0][k], outs[1][k]), k
@@ -184,7 +185,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 sys.path.insert(0, os.environ["ROOT"]); sys.path.insert(0, os.path.join(os.environ["ROOT"], "tests"))
 from test_hard_negatives import CE, global_batch
-from models.hard_negatives import HardNegativeLosses
+from models.objectives.hard_negatives import HardNegativeLosses
 dist.init_process_group("gloo")
 r = dist.get_rank()
 V, T, H, VALID = global_batch()
@@ -253,7 +254,7 @@ def test_open_clip_path_trains_a_step_with_the_ce_losses(tmp_path):
     images = torch.randn(4, 3, 32, 32)
     losses = []
     for _ in range(3):
-        out = model(images, tok(texts), hard_negatives=(tok(negs), valid))
+        out = model({"image": images, "text": tok(texts), "hn_text": tok(negs), "hn_valid": valid})
         loss = sum(v for k, v in out.items() if k.startswith("loss"))
         opt.zero_grad()
         loss.backward()

@@ -7,8 +7,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from models.batch import as_batch
+from models.objectives.hitc import hidden_itc
 from conftest import tiny_config, tiny_text
-from models import MODELS, objectives
+from models import MODELS
+from models.objectives import functional as objectives
 
 
 def _rank_loss(rank, world, init_file, v, t, out):
@@ -60,7 +63,7 @@ def test_levels_pair_the_blocks_and_layers_before_the_last():
         _, _, vis = m.encode_image(image, hidden=True)
         _, _, txt = m.encode_text(text["input_ids"], text["attention_mask"], hidden=True)
         assert len(vis) == 4 and len(txt) == 3   # every ViT block; the 3 text-mode layers
-        got = m.hidden_itc(vis, txt)
+        got = hidden_itc(m, vis, txt)
         expect = 0.0
         for level, (vb, tl, w) in enumerate(((1, 0, 1.0), (2, 1, 0.5))):   # blocks 2-3 with text layers 1-2 (1-based)
             v = F.normalize(m.vision_proj_hidden[level](vis[vb][:, 0]), dim=-1)
@@ -69,7 +72,7 @@ def test_levels_pair_the_blocks_and_layers_before_the_last():
         assert got.item() == pytest.approx(0.1 * expect, abs=1e-5)
         # the final block / layer is ordinary ITC: the hidden list ends with the encoders' outputs
         assert torch.allclose(vis[-1], m.visual_encoder(image), atol=1e-6)
-    out = m(torch.randn(4, 3, 32, 32), tiny_text(4), alpha=0.4)   # queue 16: batch 4
+    out = m(as_batch(torch.randn(4, 3, 32, 32), tiny_text(4)), alpha=0.4)   # queue 16: batch 4
     assert torch.isfinite(out["loss_ita"])
     out["loss_ita"].backward()
     assert m.vision_proj_hidden[0].weight.grad.abs().sum() > 0 and m.text_proj_hidden[1].weight.grad.abs().sum() > 0

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
+from models.batch import as_batch
 from conftest import tiny_config, tiny_text
 from models import MODELS
-from models.mim import mim_loss, mim_loss_from, patchify, random_masking, sincos_pos_embed
+from models.objectives.mim import mim_loss, mim_loss_from, patchify, random_masking, sincos_pos_embed
 
 
 def test_patchify_orders_row_column_channel():
@@ -59,7 +60,7 @@ def test_decoder_shapes_positions_and_training():
     # the encoder sees ViCHA's raw CLS token (no position embedding) and the 16 * 0.25 = 4 kept patches
     assert seen[0].shape == (2, 1 + 4, 32) and torch.equal(seen[0][:, 0], m.visual_encoder.cls_token[0].expand(2, -1))
     loss.backward()
-    import models.mim as mim_module
+    import models.objectives.mim as mim_module
     parts = []
     real = mim_module.mim_loss_from
     mim_module.mim_loss_from = lambda *a: parts.append(real(*a)) or parts[-1]
@@ -71,7 +72,7 @@ def test_decoder_shapes_positions_and_training():
         m.mae_lambda = 1.0
     assert scaled.item() == pytest.approx(0.25 * parts[0].item(), rel=1e-6)
     assert torch.isfinite(loss) and m.visual_encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
-    out = m(torch.randn(4, 3, 32, 32), tiny_text(4), alpha=0.4)
+    out = m(as_batch(torch.randn(4, 3, 32, 32), tiny_text(4)), alpha=0.4)
     assert torch.isfinite(out["loss_mae"])
     with pytest.raises(ValueError, match="unimodal_mae"):
         MODELS["pretrain"](tiny_config(mae=True, unimodal_mae=False, mim_decoder_heads=4))

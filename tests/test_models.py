@@ -5,8 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from models.batch import as_batch
+from models.objectives.itc import in_batch_itc, in_batch_sims, momentum_itc
+from models.objectives.itm import itm
 from conftest import tiny_config, tiny_text
-from models import MODELS, objectives
+from models import MODELS
+from models.objectives import functional as objectives
 from models.momentum import dequeue_and_enqueue
 
 
@@ -153,7 +157,7 @@ def test_itc_loss_matches_hand_computation_with_queue_and_distillation():
     pos = torch.zeros(bs, bs + q, dtype=torch.bool)
     pos[:, :bs] = torch.eye(bs, dtype=torch.bool)
     alpha, t = 0.4, m.temp.item()
-    loss, _, _ = m.itc(img, txt, img_m, txt_m, pos, alpha)
+    loss, _, _ = momentum_itc(m, img, txt, img_m, txt_m, pos, alpha)
     all_t = torch.cat([txt_m, m.text_queue.t()])
     all_i = torch.cat([img_m, m.image_queue.t()])
     total = 0.0
@@ -175,7 +179,7 @@ def test_grit_in_batch_itc_with_consistency_matches_formula_and_detaches_keys():
     bs, t = 4, m.temp.item()
     img = F.normalize(torch.randn(bs, 16), dim=1).requires_grad_()
     txt = F.normalize(torch.randn(bs, 16), dim=1).requires_grad_()
-    loss, sim_i2t, sim_t2i = m.itc_in_batch(img, txt, torch.eye(bs, dtype=torch.bool))
+    loss, sim_i2t, sim_t2i = in_batch_itc(m, img, txt, torch.eye(bs, dtype=torch.bool))
     s_i2t = (img @ txt.t() / t).detach()
     s_t2i = s_i2t.t()
 
@@ -197,14 +201,14 @@ def test_without_momentum_the_model_has_no_momentum_modules_or_queues_and_trains
     m = MODELS["pretrain"](tiny_config(use_momentum=False, distill=False, itm_negative_selection="argmax"))
     names = [n for n, _ in m.named_parameters()] + [n for n, _ in m.named_buffers()]
     assert not any("_m." in n or "queue" in n for n in names)
-    out = m(torch.randn(4, 3, 32, 32), tiny_text(4), alpha=0.4)
+    out = m(as_batch(torch.randn(4, 3, 32, 32), tiny_text(4)), alpha=0.4)
     sum(v for k, v in out.items() if k.startswith("loss")).backward()
     assert m.visual_encoder.cls_token.grad.abs().sum() > 0 and m.text_proj.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="distill"):
         MODELS["pretrain"](tiny_config(use_momentum=False, distill=True))
     with pytest.raises(ValueError, match="itm_negative_selection"):
         MODELS["pretrain"](tiny_config(itm_negative_selection="top1"))
-    out = MODELS["pretrain"](tiny_config(itm_negative_selection="uniform"))(torch.randn(4, 3, 32, 32), tiny_text(4))
+    out = MODELS["pretrain"](tiny_config(itm_negative_selection="uniform"))(as_batch(torch.randn(4, 3, 32, 32), tiny_text(4)))
     assert torch.isfinite(out["loss_itm"])
 
 
@@ -215,23 +219,24 @@ def test_argmax_selection_picks_the_hardest_negatives_in_itm():
     embeds = m.visual_encoder(torch.randn(3, 3, 32, 32))
     text = tiny_text(3, pad_first=False)
     states = m.text_bert(input_ids=text["input_ids"], attention_mask=text["attention_mask"], mode="text").last_hidden_state
-    _, extra = m.itm(states, text["attention_mask"], embeds, sim, sim.t(), torch.eye(3, dtype=torch.bool))
+    _, extra = itm(m, states, text["attention_mask"], embeds, sim, sim.t(), torch.eye(3, dtype=torch.bool))
     assert extra["neg_text_idx"].tolist() == [2, 0, 0]    # image k's hardest text: argmax of row k off the diagonal
     assert extra["neg_image_idx"].tolist() == [2, 2, 0]   # text k's hardest image: argmax of column k
 
 
-def test_retrieval_positives_include_same_image_in_queue():
+def test_retrieval_positives_include_same_image_in_queue(monkeypatch):
+    from models.objectives import itc as itc_module
     m = MODELS["retrieval"](tiny_config())
     m.idx_queue[0, :4] = torch.tensor([7, 3, 7, 9])
     seen = {}
-    itc = m.itc
+    itc = itc_module.momentum_itc
 
     def spy(*args):
-        seen["positives"] = args[4].clone()
+        seen["positives"] = args[5].clone()
         return itc(*args)
 
-    m.itc = spy
-    out = m(torch.randn(2, 3, 32, 32), tiny_text(2), alpha=0.0, idx=torch.tensor([7, 5]))
+    monkeypatch.setattr(itc_module, "momentum_itc", spy)
+    out = m(as_batch(torch.randn(2, 3, 32, 32), tiny_text(2), idx=torch.tensor([7, 5])), alpha=0.0)
     assert torch.isfinite(out["loss_ita"])
     pos = seen["positives"]   # columns: 2 batch items, then the queue
     assert pos[0, :6].tolist() == [True, False, True, False, True, False]
@@ -285,7 +290,7 @@ def test_itm_loss_drops_pairs_without_negative():
 
 def test_pretrain_forward_with_batch_of_one_does_not_crash():
     m = MODELS["pretrain"](tiny_config())
-    out = m(torch.randn(1, 3, 32, 32), tiny_text(1, pad_first=False), alpha=0.4)
+    out = m(as_batch(torch.randn(1, 3, 32, 32), tiny_text(1, pad_first=False)), alpha=0.4)
     assert all(torch.isfinite(v) for k, v in out.items() if k.startswith("loss"))
 
 
@@ -335,9 +340,9 @@ def test_sdpa_and_eager_models_give_same_losses():
     b.load_state_dict(a.state_dict())
     img, text = torch.randn(4, 3, 32, 32), tiny_text()
     torch.manual_seed(1)
-    la = a(img, text, alpha=0.4)
+    la = a(as_batch(img, text), alpha=0.4)
     torch.manual_seed(1)
-    lb = b(img, text, alpha=0.4)
+    lb = b(as_batch(img, text), alpha=0.4)
     for k in (k for k in la if k.startswith("loss")):
         assert torch.allclose(la[k], lb[k], atol=1e-5), k
 
@@ -348,10 +353,11 @@ def test_classifier_loss_is_distilled_cross_entropy():
     expect = 0.6 * F.cross_entropy(p, t) + 0.4 * (-(pm.softmax(1) * p.log_softmax(1)).sum(1).mean())
     assert torch.allclose(distilled_ce(p, t, pm, 0.4), expect)
     m = MODELS["ve"](tiny_config()).eval()
-    logits = m(torch.randn(2, 3, 32, 32), tiny_text(2), train=False)
+    text = tiny_text(2)
+    logits = m.predict(torch.randn(2, 3, 32, 32), text["input_ids"], text["attention_mask"])
     assert logits.shape == (2, 3)
     n = MODELS["nlvr"](tiny_config()).eval()
-    assert n(torch.randn(4, 3, 32, 32), tiny_text(2), train=False).shape == (2, 2)
+    assert n.predict(torch.randn(4, 3, 32, 32), text["input_ids"], text["attention_mask"]).shape == (2, 2)
 
 
 def test_vqa_rank_answer_matches_brute_force_likelihood():
@@ -396,7 +402,7 @@ def test_text_assignment_labels_are_consistent():
 def test_itc_similarities_targets_and_itm_weights_stay_fp32_under_bf16_autocast():
     """bf16 keeps 8 mantissa bits: over a 65,536-entry queue the ITC logits, the softmax targets and the ITM
     negative weights would lose the differences that rank them."""
-    from models import objectives
+    from models.objectives import functional as objectives
     torch.manual_seed(0)
     m = MODELS["pretrain"](tiny_config())
     f = torch.nn.functional.normalize(torch.randn(4, 16), dim=-1)
@@ -404,13 +410,13 @@ def test_itc_similarities_targets_and_itm_weights_stay_fp32_under_bf16_autocast(
     pos[:, :4] = torch.eye(4, dtype=torch.bool)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert (torch.randn(3, 3) @ torch.randn(3, 3)).dtype == torch.bfloat16   # autocast is on
-        loss, sim_i2t, sim_t2i = m.itc(f, f, f, f, pos, alpha=0.4)
-        ib_i2t, _ = m.in_batch_sims(f, f)
+        loss, sim_i2t, sim_t2i = momentum_itc(m, f, f, f, f, pos, alpha=0.4)
+        ib_i2t, _ = in_batch_sims(m, f, f)
         w, _ = objectives.hard_negative_weights(sim_i2t[:, :4], pos[:, :4])
         h = objectives.hidden_itc_loss(f, f, m.temp)
     assert sim_i2t.dtype == sim_t2i.dtype == ib_i2t.dtype == w.dtype == torch.float32
     assert loss.dtype == h.dtype == torch.float32
-    ref, ref_i2t, _ = m.itc(f, f, f, f, pos, alpha=0.4)
+    ref, ref_i2t, _ = momentum_itc(m, f, f, f, f, pos, alpha=0.4)
     assert torch.equal(ref_i2t, sim_i2t) and torch.equal(ref, loss)
 
 
@@ -433,6 +439,6 @@ def test_accumulation_micro_batches_skip_the_gradient_all_reduce():
     t.alpha, t.warm_up, t.n_iters, t.accum, t.clip, t.loss_weights = 0.0, False, 8, 4, None, {}
     t.model, t.ddp, t.global_step = lin, FakeDDP(), 0
     t.autocast = contextlib.nullcontext
-    t.step_fn = lambda model, batch, alpha: {"loss_x": model(batch["x"]).sum()}
-    boundaries = [t._step(lin, {"x": torch.ones(1, 2)}, 0, i)[1] for i in range(8)]
+    model = lambda batch, alpha: {"loss_x": lin(batch["x"]).sum()}   # noqa: E731
+    boundaries = [t._step(model, {"x": torch.ones(1, 2)}, 0, i)[1] for i in range(8)]
     assert boundaries == [False, False, False, True] * 2 and len(entered) == 6 and t.global_step == 2

@@ -10,6 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from models.batch import as_batch
+from models.objectives.hitc import hidden_itc
+from models.objectives.itc import momentum_itc
 from conftest import tiny_config, tiny_text
 from models import MODELS
 
@@ -38,7 +41,7 @@ def test_the_pretraining_model_masks_at_the_configured_rate():
         return real(ids, **kw)
     model.text_encoder.forward = spy
     image, text = images_and_text(64, 40)
-    model(image, text, alpha=0.4)
+    model(as_batch(image, text), alpha=0.4)
     labels, ids = seen["labels"], text["input_ids"]
     eligible = ids != 101   # [CLS] never masked; no padding in this batch
     rate = (labels[eligible] != -100).float().mean().item()
@@ -60,7 +63,7 @@ def test_the_temperature_is_clamped_to_albefs_range_before_the_step(kind, start,
         model.temp.fill_(start)
     image, text = images_and_text(4)
     kw = {"idx": torch.arange(4)} if kind == "retrieval" else {}
-    model(image, text, alpha=0.4, **kw)
+    model(as_batch(image, text, **kw), alpha=0.4)
     assert model.temp.item() == pytest.approx(clamped)
 
 
@@ -76,7 +79,7 @@ def test_the_momentum_update_runs_before_the_momentum_features_are_computed():
             p.add_(0.2 * torch.randn_like(p))
     before = copy.deepcopy(model)
     image, text = images_and_text(4)
-    model(image, text, alpha=0.4)
+    model(as_batch(image, text), alpha=0.4)
     with torch.no_grad():   # the EMA by its formula, on the copy taken before the step
         online = dict(before.named_parameters())
         for name, p in before.named_parameters():
@@ -90,17 +93,19 @@ def test_the_momentum_update_runs_before_the_momentum_features_are_computed():
 
 
 # ------------------------------------------------------------------ ITM negatives: uniform, and a batch of one
-def test_uniform_itm_negatives_ignore_the_similarities_and_never_pick_a_positive():
+def test_uniform_itm_negatives_ignore_the_similarities_and_never_pick_a_positive(monkeypatch):
+    from models.objectives import itm as itm_module
     torch.manual_seed(0)
     model = MODELS["pretrain"](tiny_config(use_momentum=False, distill=False, itm_negative_selection="uniform"))
     picked = []
-    model.itm_pairs = lambda te, ta, ie, neg_img, neg_txt, *a, **k: picked.append((neg_img, neg_txt)) or (0, {})
+    monkeypatch.setattr(itm_module, "itm_pairs",
+                        lambda m, te, ta, ie, neg_img, neg_txt, *a, **k: picked.append((neg_img, neg_txt)) or (0, {}))
     bs = 4
     sim = torch.zeros(bs, bs)
     sim[:, 3] = 50.0   # one column far more similar: a weighted draw would take it almost always
     pos = torch.eye(bs, dtype=torch.bool)
     for _ in range(400):
-        model.itm(torch.zeros(bs, 5, 32), torch.ones(bs, 5), torch.zeros(bs, 2, 32), sim, sim, pos)
+        itm_module.itm(model, torch.zeros(bs, 5, 32), torch.ones(bs, 5), torch.zeros(bs, 2, 32), sim, sim, pos)
     counts = torch.zeros(bs, bs)
     for neg_img, neg_txt in picked:
         counts[torch.arange(bs), neg_img] += 1
@@ -116,7 +121,7 @@ def test_a_batch_of_one_trains_itm_on_its_positive_pair_alone():
     torch.manual_seed(0)
     model = MODELS["pretrain"](tiny_config()).eval()
     image, text = images_and_text(1)
-    out = model(image, text, alpha=0.4)
+    out = model(as_batch(image, text), alpha=0.4)
     with torch.no_grad():
         img_embeds, _ = model.encode_image(image)
         txt_embeds, _ = model.encode_text(text["input_ids"], text["attention_mask"])
@@ -136,7 +141,7 @@ def test_mafa_s_itc_of_the_forward_pass_follows_the_ecm_connections():
     model.set_discriminator(filt)
     image, text = images_and_text(4, seed=3)
     model.set_epoch(1)
-    out = model(image, text)
+    out = model(as_batch(image, text))
     with torch.no_grad():
         _, img_f = model.encode_image(image)
         _, txt_f = model.encode_text(text["input_ids"], text["attention_mask"])
@@ -180,7 +185,7 @@ def test_hidden_itc_levels_by_hand_with_the_models_temperature():
     bs, n_img, n_txt = 3, 5, 4
     vis = [torch.randn(bs, n_img, 32) for _ in range(3)]   # ViT blocks' states (the last is not aligned)
     txt = [torch.randn(bs, n_txt, 32) for _ in range(3)]   # text layers' states
-    got = model.hidden_itc(vis, txt).item()
+    got = hidden_itc(model, vis, txt).item()
     with torch.no_grad():   # level 0 pairs the block and the layer before the last ones
         v = F.normalize(model.vision_proj_hidden[0](vis[-2][:, 0]), dim=-1)
         w = F.normalize(model.text_proj_hidden[0](txt[-2][:, 0]), dim=-1)
@@ -202,8 +207,8 @@ def test_vqa_loss_is_the_weighted_answer_likelihood_summed_per_question_over_the
     a["input_ids"][2, 3:] = 0
     a["attention_mask"][2, 3:] = 0
     k, w = [2, 1], torch.tensor([0.7, 0.3, 1.0])
-    out = model(image, (q["input_ids"], q["attention_mask"]), (a["input_ids"], a["attention_mask"]), k=k,
-                weights=w, alpha=0.4)   # distill: false, so alpha must change nothing
+    out = model({"image": image, "question_ids": q["input_ids"], "question_mask": q["attention_mask"],
+                 "answer_ids": a["input_ids"], "answer_mask": a["attention_mask"], "k": k, "weights": w}, alpha=0.4)   # distill: false, so alpha must change nothing
     with torch.no_grad():
         states = model.encode_question(image, q["input_ids"], q["attention_mask"])
         question_of = [0, 0, 1]
@@ -276,8 +281,9 @@ def test_vqa_loss_distils_from_the_momentum_decoder_with_alpha(decoder_distill):
     image = torch.randn(1, 3, 32, 32)
     q = tiny_text(1, 6, seed=1, pad_first=False)
     a = tiny_text(1, 4, seed=2, pad_first=False)
-    out = model(image, (q["input_ids"], q["attention_mask"]), (a["input_ids"], a["attention_mask"]), alpha=0.3,
-                k=[1], weights=torch.tensor([1.0]))
+    out = model({"image": image, "question_ids": q["input_ids"], "question_mask": q["attention_mask"],
+                 "answer_ids": a["input_ids"], "answer_mask": a["attention_mask"], "k": [1],
+                 "weights": torch.tensor([1.0])}, alpha=0.3)
     with torch.no_grad():
         states = model.encode_question(image, q["input_ids"], q["attention_mask"])
         logits = model.text_decoder(a["input_ids"], attention_mask=a["attention_mask"], encoder_hidden_states=states,
@@ -304,7 +310,7 @@ def test_classification_logits_and_distilled_loss_by_hand(kind, n_cls, n_img, di
     model = MODELS[kind](tiny_config(distill=distill)).eval()
     b = 3
     image, text = torch.randn(b * n_img, 3, 32, 32), tiny_text(b, seed=4, pad_first=False)
-    logits = model(image, text, train=False)
+    logits = model.predict(image, text["input_ids"], text["attention_mask"])
     with torch.no_grad():
         embeds = model.visual_encoder(image)
         enc = embeds if n_img == 1 else list(embeds.split(b))
@@ -320,7 +326,7 @@ def test_classification_logits_and_distilled_loss_by_hand(kind, n_cls, n_img, di
                 assert float(logits[i, c]) == pytest.approx(sum(float(w2[c, r]) * h for r, h in enumerate(hidden))
                                                             + float(b2[c]), abs=1e-4)
     targets = torch.tensor([0, n_cls - 1, 1])
-    loss = model(image, text, targets=targets, alpha=0.4, train=True)
+    loss = model(as_batch(image, text, targets=targets), alpha=0.4)["loss_cls"]
     expected = 0.0
     for i in range(b):
         row = logits[i].tolist()
@@ -342,7 +348,7 @@ def test_itc_targets_share_a_rows_mass_among_its_positives():
     pos[:, :bs] = torch.eye(bs, dtype=torch.bool)
     pos[0, 1] = pos[1, 0] = True          # samples 0 and 1 show the same image
     pos[2, bs + 4] = pos[2, bs + 9] = True   # sample 2's image is twice in the queue
-    loss, _, _ = m.itc(img, txt, img, txt, pos, 0.0)
+    loss, _, _ = momentum_itc(m, img, txt, img, txt, pos, 0.0)
     t = m.temp.item()
     all_t, all_i = torch.cat([txt, m.text_queue.t()]), torch.cat([img, m.image_queue.t()])
     total = 0.0
@@ -367,7 +373,7 @@ def test_in_batch_itc_of_the_forward_pass_from_the_encoders_cls_states():
     torch.manual_seed(0)
     model = MODELS["pretrain"](tiny_config(use_momentum=False, distill=False)).eval()
     image, text = images_and_text(4, seed=5)
-    out = model(image, text)
+    out = model(as_batch(image, text))
     with torch.no_grad():
         vit = model.visual_encoder(image)[:, 0]
         bert = model.text_bert(input_ids=text["input_ids"], attention_mask=text["attention_mask"],
@@ -387,15 +393,16 @@ def test_in_batch_itc_of_the_forward_pass_from_the_encoders_cls_states():
     assert out["loss_ita"].item() == pytest.approx((i2t + t2i) / 2, abs=1e-5)
 
 
-def test_hidden_itc_joins_the_itc_loss_of_the_forward_pass():
+def test_hidden_itc_joins_the_itc_loss_of_the_forward_pass(monkeypatch):
+    from models.objectives import hitc
     torch.manual_seed(0)
     model = MODELS["pretrain"](tiny_config(use_momentum=False, distill=False, return_hidden_state=True,
                                            num_hidden_align=1, vision_depth=3)).eval()
     seen = []
-    real = model.hidden_itc
-    model.hidden_itc = lambda *a: seen.append(real(*a)) or seen[-1]
+    real = hitc.hidden_itc
+    monkeypatch.setattr(hitc, "hidden_itc", lambda *a: seen.append(real(*a)) or seen[-1])
     image, text = images_and_text(4, seed=5)
-    out = model(image, text)
+    out = model(as_batch(image, text))
     with torch.no_grad():
         img = F.normalize(model.vision_proj(model.visual_encoder(image)[:, 0]), dim=-1)
         txt = F.normalize(model.text_proj(model.text_bert(input_ids=text["input_ids"],
@@ -411,7 +418,7 @@ def test_hidden_itc_joins_the_itc_loss_of_the_forward_pass():
 
 # ------------------------------------------------------------------ MAFA's filter: P(match)
 def test_the_filters_match_probability_is_the_itm_heads_positive_class():
-    from models.ecm import ConnectionDiscriminator
+    from models.objectives.ecm import ConnectionDiscriminator
     torch.manual_seed(0)
     filt = ConnectionDiscriminator(MODELS["retrieval"](tiny_config(use_momentum=False, distill=False)))
     image, text = images_and_text(3, seed=6)
@@ -446,9 +453,9 @@ def test_classification_distils_from_the_momentum_model_after_its_update(kind, n
     b = 3
     image, text = torch.randn(b * n_img, 3, 32, 32), tiny_text(b, seed=4, pad_first=False)
     targets = torch.tensor([1, 0, 1])
-    loss = model(image, text, targets=targets, alpha=0.4, train=True)
+    loss = model(as_batch(image, text, targets=targets), alpha=0.4)["loss_cls"]
     with torch.no_grad():
-        student = model(image, text, train=False)
+        student = model.predict(image, text["input_ids"], text["attention_mask"])
         soft = teacher.predict(image, text["input_ids"], text["attention_mask"], momentum=True)
     expected = sum(0.6 * ce_by_hand(student[i].tolist(), [1.0 * (c == int(targets[i])) for c in range(soft.shape[1])])
                    + 0.4 * ce_by_hand(student[i].tolist(), softmax_by_hand(soft[i].tolist())) for i in range(b)) / b
@@ -499,7 +506,7 @@ def test_grit_sets_the_next_epochs_order_from_the_walk():
 
 # ------------------------------------------------------------------ small rules with one value each
 def test_mim_decoder_positions_are_maes_sine_cosine_table():
-    from models.mim import sincos_pos_embed
+    from models.objectives.mim import sincos_pos_embed
     dim, grid = 8, 3
     emb = sincos_pos_embed(dim, grid)
     assert emb.shape == (1 + grid * grid, dim) and not emb[0].any()   # the CLS row is zero
@@ -513,7 +520,7 @@ def test_mim_decoder_positions_are_maes_sine_cosine_table():
 
 
 def test_ecm_thresholds_take_their_whole_closed_range():
-    from models.ecm import ConnectionDiscriminator
+    from models.objectives.ecm import ConnectionDiscriminator
     model = MODELS["retrieval"](tiny_config(use_momentum=False, distill=False))
     ConnectionDiscriminator(model, low=0.0, high=1.0)   # both ends allowed
     ConnectionDiscriminator(model, low=0.6, high=0.6)
@@ -551,7 +558,7 @@ def test_mlm_loss_mixes_the_label_ce_with_the_teachers_soft_targets_by_alpha(dis
     model.text_encoder.forward = spy("student", student)
     model.text_encoder_m.forward = spy("teacher", teacher)
     image, text = images_and_text(4, 12, seed=7)
-    out = model(image, text, alpha=0.3)
+    out = model(as_batch(image, text), alpha=0.3)
     ids, kw = calls["student"]
     labels = kw["labels"]
     assert ("teacher" in calls) is distill
@@ -578,7 +585,7 @@ def test_mlm_loss_mixes_the_label_ce_with_the_teachers_soft_targets_by_alpha(dis
 
 
 def test_itm_loss_of_a_batch_without_any_weighted_pair_is_zero():
-    from models import objectives
+    from models.objectives import functional as objectives
     logits, labels = torch.randn(3, 2), torch.tensor([1, 0, 0])
     assert objectives.itm_loss(logits, labels, torch.zeros(3)).item() == 0.0   # not 0 / 0
     w = torch.tensor([1.0, 0.0, 1.0])
@@ -590,7 +597,7 @@ def test_itm_loss_of_a_batch_without_any_weighted_pair_is_zero():
                                                     ("fp32", "cuda", torch.float32), ("bf16", "cpu", torch.bfloat16)])
 def test_the_filters_precision_by_device(precision, device, dtype):
     """``auto``: bf16 on CUDA, fp32 elsewhere; ``fp32`` / ``bf16`` force one (no GPU needed: the move is recorded)."""
-    from models.ecm import ConnectionDiscriminator
+    from models.objectives.ecm import ConnectionDiscriminator
     filt = ConnectionDiscriminator(MODELS["retrieval"](tiny_config(use_momentum=False, distill=False)),
                                    precision=precision)
     moved = {}

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 
+from models.batch import as_batch
 from conftest import tiny_config, tiny_text
 
 
@@ -35,7 +36,7 @@ def run(model, kind, concepts, seed=0):
     kw = {"concepts": concepts} if concepts is not None else {}
     if kind == "retrieval":
         kw["idx"] = torch.tensor([0, 1, 1, 2])
-    out = model(image, text, alpha=0.4, **kw)
+    out = model(as_batch(image, text, **kw), alpha=0.4)
     losses = {k: v for k, v in out.items() if k.startswith("loss")}
     sum(losses.values()).backward()
     return {k: v.detach() for k, v in losses.items()}, {n: p.grad for n, p in model.named_parameters()
@@ -49,7 +50,7 @@ def test_savings_give_the_plain_paths_losses_and_gradients(case):
     torch.manual_seed(0)
     base = MODELS[kind](cfg)
     if case == "mafa":   # all candidates connected: MAFA's MLM batch grows by every pair
-        from models.ecm import ConnectionDiscriminator
+        from models.objectives.ecm import ConnectionDiscriminator
         filt = MODELS["retrieval"](config(use_momentum=False, distill=False))
         base.set_discriminator(ConnectionDiscriminator(filt, 0.0, 0.0))
     concepts = None
@@ -59,8 +60,8 @@ def test_savings_give_the_plain_paths_losses_and_gradients(case):
     fast, plain = copy.deepcopy(base), copy.deepcopy(base)
     plain.exact_savings = False
     if case == "mafa":
-        fast.set_discriminator(base._discriminator[0])
-        plain.set_discriminator(base._discriminator[0])
+        fast.set_discriminator(base.objectives[0].discriminator)
+        plain.set_discriminator(base.objectives[0].discriminator)
     lf, gf = run(fast, kind, concepts)
     lp, gp = run(plain, kind, concepts)
     assert lf.keys() == lp.keys() and "loss_itm" in lf
@@ -117,7 +118,7 @@ def test_compiled_steps_equal_eager_and_the_alpha_ramp_recompiles_nothing(kind):
         outs = []
         for m in (compiled, eager):
             torch.manual_seed(step)
-            out = m(image, text, alpha=alpha, **kw)
+            out = m(as_batch(image, text, **kw), alpha=alpha)
             sum(v for k, v in out.items() if k.startswith("loss")).backward()
             outs.append({k: v.detach() for k, v in out.items() if k.startswith("loss")})
         for k in outs[1]:
@@ -153,7 +154,7 @@ def test_compiled_pretraining_breaks_its_graph_only_where_listed(case):
     torch.manual_seed(0)
     model = MODELS[kind](cfg)
     if case == "mafa":
-        from models.ecm import ConnectionDiscriminator
+        from models.objectives.ecm import ConnectionDiscriminator
         model.set_discriminator(ConnectionDiscriminator(MODELS["retrieval"](config(use_momentum=False,
                                                                                    distill=False)), 0.0, 0.0))
     torch._dynamo.reset()

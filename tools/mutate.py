@@ -3,7 +3,7 @@ they catch.
 
     python tools/mutate.py                    # a seeded sample of 150 mutants, then the named bugs
     python tools/mutate.py --all              # every mutant (hours on 2 cores)
-    python tools/mutate.py --file models/objectives.py --sample 40
+    python tools/mutate.py --file models/objectives/functional.py --sample 40
 
 The mutants are token swaps on the code lines of the objectives, samplers and label rules (``TARGETS``):
 arithmetic (+ - * /), comparisons, boolean constants and operators, small integer and float literals,
@@ -25,19 +25,21 @@ import tokenize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TARGETS = ["models/objectives.py", "models/base.py", "models/model_pretrain.py", "models/momentum.py",
-           "models/ecm.py", "models/model_vqa.py", "models/model_nlvr.py", "models/model_ve.py",
-           "models/hard_negatives.py", "models/mim.py", "dataset/grit.py"]
+TARGETS = ["models/objectives/functional.py", "models/objectives/itc.py", "models/objectives/itm.py",
+           "models/objectives/mlm.py", "models/objectives/hitc.py", "models/objectives/siglip.py", "models/base.py",
+           "models/model_pretrain.py", "models/momentum.py",
+           "models/objectives/ecm.py", "models/model_vqa.py", "models/model_nlvr.py", "models/model_ve.py",
+           "models/objectives/hard_negatives.py", "models/objectives/mim.py", "dataset/grit.py"]
 CORE = ["tests/test_oracles.py", "tests/test_models.py"]
 MODEL_TESTS = CORE + ["tests/test_ecm.py", "tests/test_hitc.py", "tests/test_hard_negatives.py", "tests/test_savings.py",
                       "tests/test_concepts.py"]
 TESTS = {"dataset/grit.py": ["tests/test_oracles.py", "tests/test_grit.py", "tests/test_ecm_notebook.py"],
-         "models/ecm.py": CORE + ["tests/test_ecm.py"],
+         "models/objectives/ecm.py": CORE + ["tests/test_ecm.py"],
          "models/model_vqa.py": CORE + ["tests/test_vqa.py"],
          "models/model_nlvr.py": CORE + ["tests/test_classification.py"],
          "models/model_ve.py": CORE + ["tests/test_classification.py"],
-         "models/hard_negatives.py": CORE + ["tests/test_hard_negatives.py"],
-         "models/mim.py": CORE + ["tests/test_mim.py"]}
+         "models/objectives/hard_negatives.py": CORE + ["tests/test_hard_negatives.py"],
+         "models/objectives/mim.py": CORE + ["tests/test_mim.py"]}
 
 SWAPS = {"+": "-", "-": "+", "*": "/", "/": "*", "<": "<=", "<=": "<", ">": ">=", ">=": ">", "==": "!=",
          "!=": "==", "True": "False", "False": "True", "and": "or", "or": "and", "min": "max", "max": "min",
@@ -53,12 +55,12 @@ SKIP_FUNCTIONS = {"reference_walk"}
 EQUIVALENT = {
     ("models/base.py", 'feat = F.normalize(proj(embeds[:, 0]).float(), dim=-1)', "-", "+"):
         "dim=+1 is dim=-1 on a 2-D tensor",
-    ("models/hard_negatives.py", "pos = (v * t).sum(-1)                       # [B] cos(v_i, t_i), online-online",
+    ("models/objectives/hard_negatives.py", "pos = (v * t).sum(-1)                       # [B] cos(v_i, t_i), online-online",
      "-", "+"): "sum(+1) is sum(-1) on a 2-D tensor",
     ("models/base.py", 'if getattr(self, "use_concepts", False):', "False", "True"):
         "every model sets use_concepts: the default is never read",
-    ("models/ecm.py", "k = min(2, sim.shape[1])", "2", "3"): "a third candidate is computed and never read",
-    ("models/objectives.py", "random_words = (torch.randint_like(input_ids, 0, vocab_size) if generator is None else",
+    ("models/objectives/ecm.py", "k = min(2, sim.shape[1])", "2", "3"): "a third candidate is computed and never read",
+    ("models/objectives/functional.py", "random_words = (torch.randint_like(input_ids, 0, vocab_size) if generator is None else",
      "0", "1"): "random MLM words drawn from [1, V) instead of [0, V): one id of 30,522 never drawn",
     ("dataset/grit.py", "if n == 0 or batch < 2:", "0", "1"):
         "n is a multiple of batch >= 2: never 1; n = 0 gives the same NaNs by the other branch",
@@ -70,36 +72,36 @@ EQUIVALENT = {
         "another per-rank seed: rank 0 is unchanged and ranks still differ",
     ("dataset/grit.py", "if len(lengths) == 1:", "1", "0"):
         "one rank then takes the padded gather, which returns the same order",
-    ("models/objectives.py", "torch.empty_like(input_ids).random_(0, vocab_size, generator=generator))", "0", "1"):
+    ("models/objectives/functional.py", "torch.empty_like(input_ids).random_(0, vocab_size, generator=generator))", "0", "1"):
         "random MLM words drawn from [1, V) instead of [0, V): one id of 30,522 never drawn",
-    ("models/ecm.py", "k = min(2, sim.shape[1])", "min", "max"): "more candidates computed; the first two are the same",
-    ("models/hard_negatives.py",
+    ("models/objectives/ecm.py", "k = min(2, sim.shape[1])", "min", "max"): "more candidates computed; the first two are the same",
+    ("models/objectives/hard_negatives.py",
      "logits = torch.cat([pos[:, None], tn.masked_fill(~mask, MASKED * temp)], 1) / temp", "*", "/"):
         "a masked logit of -1e4 / temp**2 instead of -1e4: exp() of either is 0",
-    ("models/mim.py", "x = torch.cat([vit.cls_token.expand(x.shape[0], -1, -1), x], dim=1)", "-", "+"):
+    ("models/objectives/mim.py", "x = torch.cat([vit.cls_token.expand(x.shape[0], -1, -1), x], dim=1)", "-", "+"):
         ("expand(B, +1, -1) is expand(B, -1, -1) on a [1, 1, d] token", {52}),
-    ("models/hard_negatives.py",
+    ("models/objectives/hard_negatives.py",
      "new = stats[0] / stats[1] - stats[2:2 + len(HN_TYPES)] / count.clamp(min=1)", "1", "0"):
         ("a type with no valid negative divides by 0, but torch.where keeps its old margin", {85}),
-    ("models/mim.py", "masked = model.mask_token.expand(x.shape[0], n + 1 - x.shape[1], -1)", "1", "0"):
+    ("models/objectives/mim.py", "masked = model.mask_token.expand(x.shape[0], n + 1 - x.shape[1], -1)", "1", "0"):
         ("n + 1 - batch mask tokens instead of n + 1 - kept: the gather by ids_restore never reads the extra ones",
          {65}),
-    ("models/base.py", "v = F.normalize(self.vision_proj_hidden[level](vis[level][:, 0]).float(), dim=-1)", "-", "+"):
+    ("models/objectives/hitc.py", "v = F.normalize(model.vision_proj_hidden[level](vis[level][:, 0]).float(), dim=-1)", "-", "+"):
         "dim=+1 is dim=-1 on a 2-D tensor",
-    ("models/base.py", "t = F.normalize(self.text_proj_hidden[level](txt[level][:, 0]).float(), dim=-1)", "-", "+"):
+    ("models/objectives/hitc.py", "t = F.normalize(model.text_proj_hidden[level](txt[level][:, 0]).float(), dim=-1)", "-", "+"):
         "dim=+1 is dim=-1 on a 2-D tensor",
-    ("models/objectives.py", "if sim_m is None or (not torch.is_tensor(alpha) and alpha == 0):", "or", "and"):
+    ("models/objectives/functional.py", "if sim_m is None or (not torch.is_tensor(alpha) and alpha == 0):", "or", "and"):
         ("with sim_m given and alpha 0 the mix is 0 * softmax + 1 * hard: the same targets", {21}),
     ("dataset/grit.py", "missing = np.setdiff1d(np.asarray(epoch_order, dtype=np.int64), seen, assume_unique=False)",
      "False", "True"): "GRIT's epoch order is a permutation and seen is deduplicated: both inputs are unique",
-    ("models/hard_negatives.py",
+    ("models/objectives/hard_negatives.py",
      'logits = torch.einsum("bd,bkd->bk", image_feat, hn_feat.view(b, -1, hn_feat.shape[-1]))', "-", "+"):
         ("shape[+1] is shape[-1] of the 2-D negatives", {94}),
-    ("models/base.py", "if self.itc_consistency > 0:", ">", ">="): "at weight 0 the term is added times 0",
-    ("models/model_pretrain.py",
-     "if self.distill and (torch.is_tensor(alpha) or alpha > 0):   # tensor alpha: no branch on its value", ">", ">="):
+    ("models/objectives/itc.py", "if consistency > 0:", ">", ">="): "at weight 0 the term is added times 0",
+    ("models/objectives/mlm.py",
+     "if model.distill and (torch.is_tensor(alpha) or alpha > 0):   # tensor alpha: no branch on its value", ">", ">="):
         "at alpha 0 the teacher runs and its term is mixed in times 0",
-    ("models/hard_negatives.py", "if self.cmr_weight > 0:", ">", ">="):
+    ("models/objectives/hard_negatives.py", "if self.cmr_weight > 0:", ">", ">="):
         "at weight 0 the CMR loss is added times 0 (its margins are read by nothing else)",
 }
 
@@ -113,16 +115,16 @@ def equivalent_reason(key, col):
 
 # the one-line bugs of the review in issue 32: (file, text, replacement)
 NAMED = [
-    ("models/objectives.py", "    masked = bern(mlm_probability)", "    masked = bern(min(1.0, 2 * mlm_probability))"),
+    ("models/objectives/functional.py", "    masked = bern(mlm_probability)", "    masked = bern(min(1.0, 2 * mlm_probability))"),
     ("dataset/grit.py", "            self.groups.append(idx[s:e][walk])", "            self.groups.append(idx[s:e])"),
-    ("models/model_pretrain.py", "s_itc_targets(bs, conn_i2t, ecm[\"n1\"], conn_t2i, ecm[\"m1\"]",
+    ("models/objectives/ecm.py", "s_itc_targets(bs, conn_i2t, ecm[\"n1\"], conn_t2i, ecm[\"m1\"]",
      "s_itc_targets(bs, conn_i2t, ecm[\"m1\"], conn_t2i, ecm[\"n1\"]"),
-    ("models/objectives.py", "        temp = temp.float()\n        loss_i2t", "        temp = temp.float() * 0 + 1\n        loss_i2t"),
-    ("models/model_pretrain.py", "            self._momentum_update()\n            image_embeds_m, image_feat_m = "
-     "self.encode_image(image, momentum=True, concepts=concepts)\n            _, text_feat_m = "
-     "self.encode_text(input_ids, attention_mask, momentum=True)",
-     "            image_embeds_m, image_feat_m = self.encode_image(image, momentum=True, concepts=concepts)\n"
-     "            _, text_feat_m = self.encode_text(input_ids, attention_mask, momentum=True)\n"
+    ("models/objectives/functional.py", "        temp = temp.float()\n        loss_i2t", "        temp = temp.float() * 0 + 1\n        loss_i2t"),
+    ("models/base.py", "            self._momentum_update()\n            s.image_embeds_m, s.image_feat_m = "
+     "self.encode_image(s.image, momentum=True, concepts=s.concepts)\n            _, s.text_feat_m = "
+     "self.encode_text(s.input_ids, s.attention_mask, momentum=True)",
+     "            s.image_embeds_m, s.image_feat_m = self.encode_image(s.image, momentum=True, concepts=s.concepts)\n"
+     "            _, s.text_feat_m = self.encode_text(s.input_ids, s.attention_mask, momentum=True)\n"
      "            self._momentum_update()"),
     ("models/model_vqa.py", "(weights * out.loss).sum() / image.shape[0]", "(weights * out.loss).sum() / a_ids.shape[0]"),
     ("models/base.py", "        self.temp.clamp_(0.001, 0.5)", "        pass"),

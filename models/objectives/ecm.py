@@ -13,6 +13,8 @@ and silently drops a score equal to a threshold):
 import torch
 import torch.nn.functional as F
 
+from models.objectives import Objective
+
 CONNECTION, NEGATIVE, AMBIGUOUS = 0, 1, 2
 
 
@@ -119,3 +121,37 @@ def ecm_counts(ecm):
     both = torch.cat([ecm["t2i"], ecm["i2t"]])
     return {"ecm_connections": (both == CONNECTION).sum(), "ecm_negatives": (both == NEGATIVE).sum(),
             "ecm_ambiguous": (both == AMBIGUOUS).sum()}
+
+
+class ECM(Objective):
+    """MAFA: ECM on the in-batch hardest negatives, before ITC. It leaves S-ITC's targets, ITM's pairs
+    (labels 1 for connections) and the new positive pairs for MLM in the step; only with in-batch ITC."""
+
+    def __init__(self, discriminator, smoothing=0.0, start_epoch=0):
+        self.discriminator, self.smoothing, self.start_epoch = discriminator, smoothing, start_epoch
+        self.epoch = 0
+
+    def on_epoch(self, model, epoch):
+        self.epoch = epoch
+
+    def __call__(self, model, s):
+        from models.objectives.itc import in_batch_sims
+        bs, dev = s.bs, s.image.device
+        s.sim_i2t, s.sim_t2i = in_batch_sims(model, s.image_feat, s.text_feat)
+        positives = torch.eye(bs, dtype=torch.bool, device=dev)
+        with torch.no_grad():
+            ecm = self.discriminator.mine(s.sim_i2t.detach(), s.sim_t2i.detach(), positives, s.image, s.input_ids,
+                                          s.attention_mask)
+        conn_i2t, conn_t2i = ecm["i2t"] == CONNECTION, ecm["t2i"] == CONNECTION
+        smoothing = self.smoothing if self.epoch >= self.start_epoch else 0.0
+        s.itc_targets = s_itc_targets(bs, conn_i2t, ecm["n1"], conn_t2i, ecm["m1"], smoothing, dev)
+        s.extra_positives = positives.clone()
+        s.extra_positives[torch.arange(bs, device=dev), ecm["n1"]] |= conn_i2t
+        s.extra_positives[ecm["m1"], torch.arange(bs, device=dev)] |= conn_t2i
+        neg_img, lab_t2i = itm_negatives(ecm["m1"], ecm["m2"], ecm["t2i"])
+        neg_txt, lab_i2t = itm_negatives(ecm["n1"], ecm["n2"], ecm["i2t"])
+        s.itm_pairs = (neg_img, neg_txt, torch.cat([lab_t2i, lab_i2t]), torch.ones(2 * bs, device=dev))
+        # MLM also on the new positive pairs (their number sets the MLM batch: the step's one host sync, as MAFA)
+        rows = torch.arange(bs, device=dev)
+        s.mlm_pairs = (torch.cat([ecm["n1"][conn_i2t], rows[conn_t2i]]), torch.cat([rows[conn_i2t], ecm["m1"][conn_t2i]]))
+        return {"count_" + k: v for k, v in ecm_counts(ecm).items()}

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from timm.models.vision_transformer import Block
 from torch import nn
+
+from models.objectives import Objective
 from schema import value
 
 
@@ -30,11 +32,12 @@ def sincos_pos_embed(dim, grid, cls_token=True):
     return torch.from_numpy(emb).float()
 
 
+def enabled(config):
+    return bool(value(config, "mae"))
+
+
 def build_mim(model, config):
-    """Add the decoder to ``model`` when ``mae: true`` (ViCHA's unimodal MIM)."""
-    model.mim = bool(value(config, "mae"))
-    if not model.mim:
-        return
+    """Add the decoder to ``model`` (ViCHA's unimodal MIM, ``mae: true``)."""
     if not value(config, "unimodal_mae"):
         raise ValueError("config key 'unimodal_mae': only ViCHA's unimodal MIM (the path its configs use) is built")
     vit = model.visual_encoder
@@ -103,3 +106,13 @@ def mim_loss(model, images, generator=None):
         y = blk(y)
     pred = model.mae_proj(model.decoder_norm(y))[:, 1:]
     return model.mae_lambda * mim_loss_from(pred, images, mask, vit.patch_embed.patch_size[0])
+
+
+class MIM(Objective):
+    """``loss_mae``: a second pass of the online ViT over a masked copy of the image, without concepts."""
+
+    def attach(self, model, config):
+        build_mim(model, config)
+
+    def __call__(self, model, s):
+        return {"loss_mae": mim_loss(model, s.image)}

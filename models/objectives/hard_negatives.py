@@ -20,7 +20,8 @@ are a checkpointed buffer, equal on every rank, not reset each epoch unless ``cm
 import torch
 import torch.nn.functional as F
 
-from models import objectives
+from models.objectives import Objective
+from models.objectives import functional as objectives
 from schema import value
 from utils import all_gather_with_grad, all_reduce_sum, concat_all_gather
 
@@ -124,3 +125,28 @@ class HardNegativeLosses(torch.nn.Module):
             new = gap / 5
         new = new.clamp(0.0, self.upper)
         self.theta.copy_(torch.where(count > 0, new, self.theta))   # an empty type keeps its margin
+
+
+class HardNegatives(Objective):
+    """The three losses in a contrastive model's step; their module is ``model.hn`` (the margins' buffer
+    keeps its checkpoint name ``hn.theta``). The batch brings ``hn_input_ids`` / ``hn_attention_mask``
+    ([4B, L], sample-major) and ``hn_valid`` ([B, 4])."""
+    uses_temp = True
+
+    def attach(self, model, config):
+        model.hn = HardNegativeLosses(config)
+
+    def on_epoch(self, model, epoch):
+        model.hn.on_epoch(epoch)
+
+    def prepare(self, model, s):
+        if "hn_input_ids" not in s.batch:
+            raise ValueError("a hard-negative loss is on (hn_itc / cmr_weight / imc_weight) but the batch has no "
+                             "hard negatives")
+        b = s.batch
+        # unimodal: never fused, queued or masked
+        s.notes["hn_feat"] = model.encode_text(b["hn_input_ids"], b["hn_attention_mask"])[1]
+        s.extra_i2t = model.hn.extra_i2t(s.image_feat, s.notes["hn_feat"], b["hn_valid"], model.temp)
+
+    def __call__(self, model, s):
+        return model.hn(s.image_feat, s.text_feat, s.notes["hn_feat"], s.batch["hn_valid"], model.temp)
