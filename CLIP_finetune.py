@@ -4,7 +4,7 @@
 
 The config names the open_clip model (``clip_model``, ``clip_checkpoint``: local weights) and the losses
 (``hn_itc``, ``cmr_weight``, ``imc_weight``); the annotations carry ``hard_negatives`` / ``hn_valid``
-(tools/hard_negatives.py). ``python -m engine.compositional --clip`` scores the result.
+(tools/hard_negatives.py). ``python -m tasks.compositional --clip`` scores the result.
 """
 import torch
 
@@ -21,11 +21,12 @@ class ClipCollate:
         self.tokenizer = tokenizer
 
     def __call__(self, batch):
-        out = {"image": torch.stack([b[0] for b in batch]), "text": self.tokenizer([b[1] for b in batch]),
-               "idx": torch.tensor([b[2] for b in batch]), "bad": [p for b in batch for p in b[3]], "n": len(batch)}
-        if isinstance(batch[0][-1], dict):
-            out["hn_text"] = self.tokenizer([c for b in batch for c in b[-1]["hard_negatives"]])
-            out["hn_valid"] = torch.tensor([b[-1]["hn_valid"] for b in batch], dtype=torch.bool)
+        out = {"image": torch.stack([b["image"] for b in batch]), "text": self.tokenizer([b["caption"] for b in batch]),
+               "idx": torch.tensor([b["idx"] for b in batch]), "bad": [p for b in batch for p in b["bad"]],
+               "n": len(batch)}
+        if "hard_negatives" in batch[0]:
+            out["hn_text"] = self.tokenizer([c for b in batch for c in b["hard_negatives"]])
+            out["hn_valid"] = torch.tensor([b["hn_valid"] for b in batch], dtype=torch.bool)
         return out
 
 

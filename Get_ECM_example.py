@@ -19,12 +19,12 @@ import os
 import torch
 from torch.utils.data import DataLoader
 
-from dataset import TextCollate
+from dataset.collate import text_collate
 from dataset.caption_dataset import pre_caption, re_train_dataset
 from dataset.grit import GritCollector
 from dataset.transforms import test_transform
 from engine.config import load_config
-from engine.ecm_filter import build_discriminator
+from tasks.ecm_filter import build_discriminator
 from models.objectives.ecm import CONNECTION, NEGATIVE
 from models.tokenization import ALBEFTokenizer
 
@@ -34,7 +34,7 @@ class Items(re_train_dataset):
 
     def __getitem__(self, index):
         image, i, bad = self.read(index)
-        return image, pre_caption(self.ann[i]["caption"], self.max_words), i, bad
+        return {"image": image, "caption": pre_caption(self.ann[i]["caption"], self.max_words), "idx": i, "bad": bad}
 
 
 def ground_truth(path, split):
@@ -70,9 +70,9 @@ def mine(filter_config, filter_checkpoint, data, image_root, batch_size=32, grou
     ds = Items(data, test_transform(cfg["image_res"]), image_root)
     n = len(ds) if not max_items else min(max_items, len(ds))
     sub = torch.utils.data.Subset(ds, range(n))
-    collate = TextCollate(tok, max_length=30)
+    collate = text_collate(tok, max_length=30)
     images, captions, img_f, txt_f, order = [], [], [], [], []   # images kept: read each file once
-    for b in DataLoader(sub, batch_size=64, collate_fn=lambda x: (collate(x), [c for _, c, _, _ in x]),
+    for b in DataLoader(sub, batch_size=64, collate_fn=lambda x: (collate(x), [s["caption"] for s in x]),
                         num_workers=2):
         b, caps = b
         images.append(b["image"])

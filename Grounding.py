@@ -9,7 +9,7 @@ cross-attention layer, or ``itc`` on a ViT block) and the best detector proposal
 box. Accuracy per split (``val_d``, ``testA_d``, ``testB_d``) goes to ``results.jsonl`` / ``results.md``,
 the checkpoint is selected on ``val_d``, and PNGs of the first expressions go to ``result/pictures_<tag>/``.
 """
-from engine.grounding import main
+from tasks.grounding import main
 from engine.trainer import launch
 
 if __name__ == "__main__":

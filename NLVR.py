@@ -8,7 +8,7 @@ The checkpoint is a text-assignment one (18 layers, loaded as it is; its missing
 copies of the loaded ones) or a pretraining one (ALBEF's layer duplication applied). Accuracy on the dev split
 (``val_file``) every epoch selects ``checkpoint_best.pth``; the test split is evaluated once, with it.
 """
-from engine.classify import main
+from tasks.classification import main
 from engine.trainer import launch
 
 if __name__ == "__main__":

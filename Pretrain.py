@@ -4,15 +4,17 @@ Runs as one process, or under ``torchrun`` / ``python -m torch.distributed.launc
 MAFA's own Pretrain.yaml work unchanged; MAFA's filter comes with MAFA's flags (``--filter_config``,
 ``--filter_checkpoint``, ``--low_threshold``, ``--high_threshold``) or the config's ``ecm`` group.
 """
-from dataset import TextCollate, create_dataset
+from dataset import create_dataset
+from dataset.collate import text_collate
 from dataset.grit import Grit, GroupedSampler
 from dataset.caption_dataset import as_list
 from engine.config import base_parser, parse_launcher
 from engine.logger import final_summary
-from engine.ecm_filter import build_discriminator
-from engine.retrieval_eval import Results, evaluate_split
+from tasks.ecm_filter import build_discriminator
+from tasks.retrieval import Results, evaluate_split
 from engine.splits import check_split
-from engine.trainer import Trainer, build, launch
+from engine.trainer import Trainer, launch
+from tasks.finetune import build
 from models.model_pretrain import ALBEF
 from schema import value
 
@@ -41,7 +43,7 @@ def mafa_flags(args, config):
 def grit_component(config, env, dataset, batch_size, seed):
     """GRIT-VLP's grouped sampling: the sampler it orders and the component that groups each epoch."""
     sampler = GroupedSampler(len(dataset), batch_size, env.world, env.rank, shuffle=True, seed=seed)
-    grit = Grit({"queue_size": value(config, "grit.queue_size"), "search_space": value(config, "grit.search_space"),
+    grit = Grit({"collect_size": value(config, "grit.collect_size"), "search_space": value(config, "grit.search_space"),
                  "queue_precision": value(config, "grit.queue_precision")},
                 sampler, int(value(config, "embed_dim")), batch_size, seed, env.rank, env.world, env.device,
                 len(dataset))
@@ -59,7 +61,7 @@ def main():
     if config.get("ecm"):   # MAFA: false-negative mining with a frozen, finetuned filter
         model.set_discriminator(build_discriminator(config["ecm"], tokenizer, env.device))
     dataset = create_dataset("pretrain", config, seed=args.seed)
-    collate = TextCollate(tokenizer, max_length=value(config, "max_tokens", "pretrain"),
+    collate = text_collate(tokenizer, max_length=value(config, "max_tokens", "pretrain"),
                           vc_max_tokens=value(config, "vc_max_tokens"))
 
     components, sampler = {}, None

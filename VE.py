@@ -6,7 +6,7 @@
 From a pretraining checkpoint (``text_encoder.bert.*`` renamed, as ALBEF) or a finetuned VE one. Accuracy on
 the dev split selects ``checkpoint_best.pth``; the test split is evaluated once, with it.
 """
-from engine.classify import main
+from tasks.classification import main
 from engine.trainer import launch
 
 if __name__ == "__main__":

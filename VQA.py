@@ -9,12 +9,13 @@ is ranked over ``answer_list`` and ``output_dir/result/vqa_result_<epoch>.json``
 file; where the test annotations hold answers, the official VQA accuracy is computed too.
 """
 from dataset import create_dataset
-from dataset.vqa_dataset import VQACollate
+from dataset.collate import vqa_collate
 from dataset.caption_dataset import as_list
 from engine.config import base_parser, parse_launcher
 from engine.logger import final_summary
-from engine.trainer import Trainer, autocast_context, build, launch
-from engine.vqa_eval import evaluator
+from engine.trainer import Trainer, autocast_context, launch
+from tasks.finetune import build
+from tasks.vqa import evaluator
 from models.base import bert_config_from
 from models.checkpoint import remap_vqa
 from models.model_vqa import ALBEF
@@ -41,7 +42,7 @@ def main():
         return
 
     train = create_dataset("vqa_train", config, seed=args.seed)
-    collate = VQACollate(tokenizer, train=True, max_length=value(config, "max_tokens", "vqa"),
+    collate = vqa_collate(tokenizer, train=True, max_length=value(config, "max_tokens", "vqa"),
                          vc_max_tokens=value(config, "vc_max_tokens"))
 
     trainer = Trainer(args, config, env, model, train, collate, batch_size_key="batch_size_train",

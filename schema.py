@@ -65,7 +65,8 @@ GROUPS = {
         "itc_loss": K("str", "softmax", "ITC's form: ALBEF's softmax over similarities / temp, or SigLIP's sigmoid "
                       "over every pair (logit_scale, logit_bias)", choices=("softmax", "sigmoid")),
         "siglip_init_scale": K("float", 10.0, "SigLIP: initial exp(logit_scale)", lo=0, open_lo=True),
-        "siglip_init_bias": K("float", -10.0, "SigLIP: initial logit_bias"),
+        "siglip_init_bias": K("float", -10.0, "SigLIP: initial logit_bias (the paper's -10 is about -log of its "
+                              "batch of 32k; about -log(global batch - 1) in general)"),
         "itc_consistency_weight": K("float", 0.0, "GRIT's ITC consistency term (GRIT: 0.2)", lo=0),
         "itm_negative_selection": K("str", "multinomial", "ITM negatives: ALBEF's draw, GRIT's top-1, or uniform",
                                     choices=("multinomial", "argmax", "uniform")),
@@ -156,7 +157,8 @@ GROUPS = {
         "batch_size": K("int", None, "per-rank batch (pretraining)", lo=1),
         "batch_size_train": K("int", None, "per-rank batch (finetuning)", lo=1),
         "batch_size_test": K("int", 64, "per-rank evaluation batch", lo=1),
-        "warm_up": K("bool", True, "ramp alpha up over epoch 0"),
+        "alpha_warm_up": K("bool", True, "ramp the distillation weight alpha up over epoch 0 (ALBEF's warm_up; "
+                           "the learning-rate warm-up is schedular.warmup_epochs)"),
         "eval_ema": K("bool", False, "unused (kept for old configs)"),
         "precision": K("str", "auto", "auto (bf16 on CUDA), fp32 or bf16", choices=("auto", "fp32", "bf16")),
         "compile": K("bool", False, "torch.compile the model"),
@@ -202,7 +204,8 @@ NESTED = {
         "warmup_block": K("int", 100, "iterations per warm-up block (ALBEF: 100)", lo=1),
     },
     "grit": {
-        "queue_size": K("int", 48000, "per-rank collection queue L", lo=1),
+        "collect_size": K("int", 48000, "per-rank collection queue L (GRIT's own YAML calls it queue_size, a name "
+                          "that here means ALBEF's ITC queue)", lo=1),
         "search_space": K("int", 1920, "search space M (a multiple of the batch)", lo=1),
         "queue_precision": K("str", "fp32", "the collection queue's dtype (fp16: this project's earlier default; "
                              "its rounding reorders near-ties of the walk)", choices=("fp32", "fp16")),
@@ -229,10 +232,10 @@ TASK_DEFAULTS = {
     "vqa": {"train_crop_scale": [0.5, 1.0], "max_tokens": 25, "k_test": 128, "batch_size_test": 16},
     "pretrain_nlvr": {"max_tokens": 25},
     "nlvr": {"train_crop_scale": [0.5, 1.0], "eval_every": 1},
-    "ve": {"train_crop_scale": [0.5, 1.0], "warm_up": False, "eval_every": 1},
+    "ve": {"train_crop_scale": [0.5, 1.0], "alpha_warm_up": False, "eval_every": 1},
     "grounding": {"eval_every": 1},
     # CE-CLIP's recipe (spec §2.5): OpenCLIP's crop, no RandAugment, CLIP's 77 tokens
-    "clip": {"train_crop_scale": [0.9, 1.0], "randaugment": False, "warm_up": False, "max_tokens": 77},
+    "clip": {"train_crop_scale": [0.9, 1.0], "randaugment": False, "alpha_warm_up": False, "max_tokens": 77},
 }
 TASK_EXEMPT = {"clip": ("bert_config",)}   # required elsewhere, meaningless here
 TASK_REQUIRED = {
@@ -315,6 +318,12 @@ def _coerce(name, spec, v):
     return v
 
 
+def hard_negative_losses_on(config):
+    """Any of CE-CLIP's losses switched on: the data must then bring each caption's negatives."""
+    return bool(value(config, "hn_itc")) or float(value(config, "cmr_weight")) > 0 or \
+        float(value(config, "imc_weight")) > 0
+
+
 def translate(cfg):
     """The forks' own spellings, with the meaning they have in their repository (returns notes to print).
 
@@ -323,10 +332,14 @@ def translate(cfg):
     the 0.2 consistency term, top-1 ITM negatives). MAFA (an ``ecm`` group) adds S-ITC smoothing 0.5 and drops
     the consistency term, as MAFA hard-codes."""
     notes = []
+    if "warm_up" in cfg:   # ALBEF's name for the alpha ramp
+        cfg.setdefault("alpha_warm_up", cfg.pop("warm_up"))
+    if isinstance(cfg.get("grit"), dict) and "queue_size" in cfg["grit"]:   # this project's earlier name
+        cfg["grit"].setdefault("collect_size", cfg["grit"].pop("queue_size"))
     if cfg.get("search_space") is not None and "grit" not in cfg:
         cfg["grit"] = {"search_space": cfg.pop("search_space")}
         if cfg.get("queue_size") is not None:
-            cfg["grit"]["queue_size"] = cfg.pop("queue_size")
+            cfg["grit"]["collect_size"] = cfg.pop("queue_size")
         mafa = bool(cfg.get("ecm"))
         recipe = {"use_momentum": False, "distill": False, "itm_negative_selection": "argmax",
                   "itc_consistency_weight": 0.0 if mafa else 0.2}

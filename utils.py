@@ -1,5 +1,5 @@
-"""Leaf helpers every layer may use (models/, dataset/, engine/, tools): rank, world size, collectives, per-rank
-result files, the official VQA accuracy.
+"""Leaf helpers every layer may use (models/, dataset/, engine/, tasks/, tools): rank, world size, collectives,
+per-rank result files.
 
 Every collective of the project goes through these functions. A tensor is sent on ``comm_device()`` (the
 rank's GPU when the group has NCCL, the CPU otherwise) and comes back on the device it came from, so a CPU
@@ -11,7 +11,6 @@ also has a CPU backend (``cpu:gloo,cuda:nccl``, see ``engine.distributed``).
 """
 import json
 import os
-import re
 import threading
 
 import torch
@@ -251,80 +250,3 @@ def shard(n, rank=None, world=None):
 # ---------------------------------------------------------------------------------------------- VQA accuracy
 # The official VQA evaluation's answer normalisation (VQA API, vqaEval.py): punctuation, number words,
 # articles and apostrophe-less contractions.
-_CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
-    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
-    "dont": "don't", "hadnt": "hadn't", "hasnt": "hasn't", "havent": "haven't", "hed": "he'd", "hes": "he's",
-    "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
-    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itll": "it'll", "let's": "let's", "maam": "ma'am",
-    "mightnt": "mightn't", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't",
-    "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't", "shant": "shan't", "shed": "she'd",
-    "shes": "she's", "shouldve": "should've", "shouldnt": "shouldn't", "somebodyd": "somebody'd",
-    "somebodys": "somebody's", "someoned": "someone'd", "someones": "someone's", "somethingd": "something'd",
-    "somethings": "something's", "thats": "that's", "thered": "there'd", "therere": "there're",
-    "theres": "there's", "theyd": "they'd", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
-    "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "weve": "we've", "werent": "weren't",
-    "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's",
-    "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd", "wholl": "who'll",
-    "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
-    "wouldve": "would've", "wouldnt": "wouldn't", "yall": "y'all", "youd": "you'd", "youll": "you'll",
-    "youre": "you're", "youve": "you've",
-}
-_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
-            "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-_ARTICLES = {"a", "an", "the"}
-_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
-_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
-_COMMA_NUM = re.compile(r"(\d)(,)(\d)")
-
-
-def _punctuation(text):
-    out = text
-    for p in _PUNCT:
-        if (p + " " in text or " " + p in text) or _COMMA_NUM.search(text) is not None:
-            out = out.replace(p, "")
-        else:
-            out = out.replace(p, " ")
-    return _PERIOD.sub("", out)
-
-
-def _digits_articles(text):
-    words = [_NUMBERS.get(w, w) for w in text.lower().split()]
-    return " ".join(_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
-
-
-def normalize_answer(text):
-    """The official normalisation of one answer (whitespace, punctuation, number words, articles,
-    contractions)."""
-    return _digits_articles(_punctuation(text.replace("\n", " ").replace("\t", " ").strip()))
-
-
-def vqa_accuracy(prediction, answers, always_normalize=False):
-    """The official VQA accuracy of one prediction against the human ``answers`` (usually 10): the mean over
-    the leave-one-out subsets of min(#matching humans / 3, 1). As the official script, answers are
-    normalised only when the humans disagree, unless ``always_normalize``."""
-    answers = [a.replace("\n", " ").replace("\t", " ").strip() for a in answers]
-    pred = prediction.replace("\n", " ").replace("\t", " ").strip()
-    if always_normalize or len(set(answers)) > 1:
-        answers = [normalize_answer(a) for a in answers]
-        pred = normalize_answer(pred)
-    scores = [min(1.0, sum(1 for j, a in enumerate(answers) if j != i and a == pred) / 3)
-              for i in range(len(answers))]
-    return sum(scores) / len(scores)
-
-
-def vqa_score(results, annotations, always_normalize=False):
-    """Overall and per-answer-type accuracy (in %) of ``results`` ([{question_id, answer}]) against annotation
-    entries with ``question_id`` and ``answer`` (a list of human answers; ``answer_type`` when present)."""
-    pred = {r["question_id"]: r["answer"] for r in results}
-    total, by_type = [], {}
-    for a in annotations:
-        answers = a["answer"] if isinstance(a["answer"], list) else [a["answer"]]
-        acc = vqa_accuracy(pred[a["question_id"]], answers, always_normalize) if a["question_id"] in pred else 0.0
-        total.append(acc)
-        if a.get("answer_type"):
-            by_type.setdefault(a["answer_type"], []).append(acc)
-    out = {"accuracy": 100 * sum(total) / max(len(total), 1), "questions": len(total),
-           "answered": sum(1 for a in annotations if a["question_id"] in pred)}
-    out.update({f"accuracy_{t}": 100 * sum(v) / len(v) for t, v in sorted(by_type.items())})
-    return out

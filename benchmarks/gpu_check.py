@@ -77,8 +77,8 @@ def _batches_data(a, cfg, tok, n_batches, batch, device):
     order = torch.randperm(len(ds), generator=g)
     for b in range(min(n_batches, len(ds) // batch)):
         items = [ds[int(i)] for i in order[b * batch:(b + 1) * batch]]
-        text = tok([c for _, c, _, _ in items], padding="longest", truncation=True, max_length=30)
-        yield (torch.stack([x[0] for x in items]).to(device), text["input_ids"].to(device),
+        text = tok([s["caption"] for s in items], padding="longest", truncation=True, max_length=30)
+        yield (torch.stack([x["image"] for x in items]).to(device), text["input_ids"].to(device),
                text["attention_mask"].to(device))
 
 
@@ -87,7 +87,7 @@ def ecm_precision(a, device):
     from models.objectives.ecm import decide, hardest_two
     if a.filter_config:
         from engine.config import load_config
-        from engine.ecm_filter import build_discriminator
+        from tasks.ecm_filter import build_discriminator
         from models.tokenization import ALBEFTokenizer
         cfg = load_config(a.filter_config)
         tok = ALBEFTokenizer(cfg.get("tokenizer") or cfg["text_encoder"])

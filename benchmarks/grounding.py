@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.timing import timed   # noqa: E402
 from engine.config import load_config   # noqa: E402
-from engine.grounding import gradcam   # noqa: E402
+from tasks.grounding import gradcam   # noqa: E402
 from models.model_retrieval import ALBEF   # noqa: E402
 
 

@@ -24,7 +24,7 @@ from benchmarks.timing import timed   # noqa: E402
 from dataset import create_dataset   # noqa: E402
 from dataset.synthetic import build_world   # noqa: E402
 from engine.config import load_config   # noqa: E402
-from engine.retrieval_eval import encode_images, encode_texts, itm_eval, reference_scores, score_matrices   # noqa: E402
+from tasks.retrieval import encode_images, encode_texts, itm_eval, reference_scores, score_matrices   # noqa: E402
 from models.checkpoint import load_checkpoint, strip_bert   # noqa: E402
 from models.model_retrieval import ALBEF   # noqa: E402
 from models.xbert import BertConfig   # noqa: E402

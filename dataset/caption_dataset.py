@@ -65,7 +65,7 @@ def image_source(entry, image_root):
     ``tar_offset`` / ``tar_size`` when the store has them)."""
     path = resolve(entry["image"], image_root)
     if ".tar#" in path:
-        from dataset.shards import TarMember
+        from dataset.tar import TarMember
         return TarMember(path, entry.get("tar_offset"), entry.get("tar_size"))
     return path
 
@@ -76,7 +76,7 @@ def load_image(path, truncated_ok=True):
     ``path`` may be a shard member (``x.tar#key.jpg``) or a file object (a streamed member's bytes)."""
     ImageFile.LOAD_TRUNCATED_IMAGES = bool(truncated_ok)   # per process (workers too); cheap to set
     if isinstance(path, str) and ".tar#" in path:
-        from dataset.shards import read_member
+        from dataset.tar import read_member
         path = io.BytesIO(read_member(path))
     with Image.open(path) as img:
         img.load()
@@ -236,7 +236,9 @@ class ImageTextDataset(Dataset):
         return sample_concepts(entry["kwords"], rng=rng, **self.concepts)
 
     def with_concepts(self, sample, entry, i):
-        return sample if self.concepts is None else (*sample, self.concept_string(entry, i))
+        if self.concepts is not None:
+            sample["concepts"] = self.concept_string(entry, i)
+        return sample
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -291,7 +293,8 @@ class ImageTextDataset(Dataset):
 
 
 class pretrain_dataset(ImageTextDataset):
-    """Items ``{'image': path, 'caption': str | [str, ...]}``; returns (image, caption, index, bad)."""
+    """Items ``{'image': path, 'caption': str | [str, ...]}``; samples ``{image, caption, idx, bad}`` (and
+    ``concepts``, ``hard_negatives`` / ``hn_valid`` when asked for)."""
 
     def __init__(self, ann_file, transform, max_words=30, image_root=None, seed=0, config_key="train_file",
                  concepts=None, truncated_ok=True, hard_negatives=False):
@@ -321,27 +324,27 @@ class pretrain_dataset(ImageTextDataset):
 
 
 def caption_sample(ds, image, a, i, bad):
-    """A pretraining sample (image, caption, index, bad[, concepts][, negatives]) of entry ``a`` at index
-    ``i``: the caption drawn from a list with the sample's seed, the same draw picking its negatives."""
+    """A pretraining sample of entry ``a`` at index ``i``: the caption drawn from a list with the sample's
+    seed, the same draw picking its negatives."""
     cap, j = a["caption"], None
     if isinstance(cap, list):   # the same draw as random.choice(cap), keeping the index for its negatives
         j = random.Random(ds.sample_seed(i)).choice(range(len(cap)))
         cap = cap[j]
-    sample = (image, pre_caption(cap, ds.max_words), i, bad)
+    sample = {"image": image, "caption": pre_caption(cap, ds.max_words), "idx": i, "bad": bad}
     if ds.concepts is not None:
-        sample = (*sample, ds.concept_string(a, i))
+        sample["concepts"] = ds.concept_string(a, i)
     if ds.hard_negatives:
         negs, valid = a["hard_negatives"], a["hn_valid"]
         if j is not None:
             negs, valid = negs[j], valid[j]
         valid = [bool(v) and isinstance(t, str) and t.strip() not in ("", INVALID_HN) for t, v in zip(negs, valid)]
         negs = [pre_caption(t, ds.max_words) if ok else "" for t, ok in zip(negs, valid)]
-        sample = (*sample, {"hard_negatives": negs, "hn_valid": valid})
+        sample.update(hard_negatives=negs, hn_valid=valid)
     return sample
 
 
 class re_train_dataset(ImageTextDataset):
-    """Items ``{'image', 'caption': str, 'image_id'}``; returns (image, caption, image index, bad)."""
+    """Items ``{'image', 'caption': str, 'image_id'}``; samples ``{image, caption, idx: the image's number, bad}``."""
 
     def __init__(self, ann_file, transform, image_root, max_words=30, seed=0, config_key="train_file",
                  concepts=None, truncated_ok=True):
@@ -361,8 +364,8 @@ class re_train_dataset(ImageTextDataset):
     def __getitem__(self, index):
         image, i, bad = self.read(index)
         a = self.ann[i]
-        return self.with_concepts((image, pre_caption(a["caption"], self.max_words), self.img_ids[a["image_id"]],
-                                   bad), a, i)
+        return self.with_concepts({"image": image, "caption": pre_caption(a["caption"], self.max_words),
+                                   "idx": self.img_ids[a["image_id"]], "bad": bad}, a, i)
 
 
 class re_eval_dataset(ImageTextDataset):
@@ -396,4 +399,4 @@ class re_eval_dataset(ImageTextDataset):
 
     def __getitem__(self, index):
         images, bad = self.read_for_eval(index, self.image_res)
-        return images[0], index, bad
+        return {"image": images[0], "idx": index, "bad": bad}

@@ -13,7 +13,6 @@ import os
 import random
 from dataclasses import dataclass
 
-import torch
 
 from dataset.caption_dataset import AnnotationError, ImageTextDataset
 from dataset.utils import pre_caption, sample_concepts
@@ -94,28 +93,8 @@ class cls_dataset(ImageTextDataset):
         else:
             (images, bad), i = self.read_for_eval(index, self.image_res), index
         a = self.ann[i]
-        sample = (images, pre_caption(a["sentence"], self.max_words), self.targets[i], i, bad)
-        return sample if self.concepts is None else (*sample, self.concept_strings(a, i))
-
-
-class ClsCollate:
-    """Images stacked by position (``cat([all first images, all second images])``, the NLVR model's input),
-    sentences tokenized with ``padding='longest'`` (ALBEF's VE and NLVR), concepts in the images' order."""
-
-    def __init__(self, tokenizer, vc_max_tokens=55):
-        self.tokenizer, self.vc_max_tokens = tokenizer, vc_max_tokens
-
-    def __call__(self, batch):
-        from dataset import tokenize_concepts
-        n_img = len(batch[0][0])
-        images = torch.cat([torch.stack([b[0][k] for b in batch]) for k in range(n_img)])
-        text = self.tokenizer([b[1] for b in batch], padding="longest")
-        out = {"image": images, "input_ids": text["input_ids"], "attention_mask": text["attention_mask"],
-               "label": torch.tensor([b[2] for b in batch], dtype=torch.long),
-               "idx": torch.tensor([b[3] for b in batch], dtype=torch.long),
-               "bad": [p for b in batch for p in b[4]], "n": len(batch), "texts_cut": getattr(text, "texts_cut", 0)}
-        if len(batch[0]) > 5:
-            strings = [b[5][k] for k in range(n_img) for b in batch]
-            out["kw_input_ids"], out["kw_attention_mask"] = tokenize_concepts(self.tokenizer, strings,
-                                                                              self.vc_max_tokens)
-        return out
+        sample = {"image": images, "caption": pre_caption(a["sentence"], self.max_words), "label": self.targets[i],
+                  "idx": i, "bad": bad}
+        if self.concepts is not None:
+            sample["concepts"] = self.concept_strings(a, i)
+        return sample

@@ -133,7 +133,7 @@ class GritCollector:
 
     def __init__(self, queue_size, search_space, dim, batch_size, seed, device, precision="fp32"):
         if queue_size % search_space or search_space % batch_size:
-            raise ValueError(f"grit: queue_size ({queue_size}) must be a multiple of search_space ({search_space}) "
+            raise ValueError(f"grit: collect_size ({queue_size}) must be a multiple of search_space ({search_space}) "
                              f"and search_space a multiple of the batch size ({batch_size})")
         self.size, self.space, self.batch = queue_size, search_space, batch_size
         self.seed = seed
@@ -278,7 +278,7 @@ class Grit:
     def __init__(self, config, sampler, dim, batch_size, seed, rank, world, device, dataset_len):
         self.sampler, self.rank, self.world = sampler, rank, world
         self.batch, self.seed, self.n = batch_size, seed, dataset_len
-        self.collector = GritCollector(int(config["queue_size"]), int(config["search_space"]),
+        self.collector = GritCollector(int(config["collect_size"]), int(config["search_space"]),
                                        dim, batch_size, seed + rank, device, config["queue_precision"])
 
     def on_epoch_start(self, epoch, resumed_mid_epoch=False):

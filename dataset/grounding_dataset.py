@@ -113,12 +113,13 @@ class grounding_dataset(ImageTextDataset):
         if self.mode == "train":
             image, i, bad = self.read(index)
             a = self.ann[i]
-            sample = (image, pre_caption(a["text"], self.max_words), self.img_ids[a["image"].split("/")[-1]], bad)
+            sample = {"image": image, "caption": pre_caption(a["text"], self.max_words),
+                      "idx": self.img_ids[a["image"].split("/")[-1]], "bad": bad}
             return self.with_concepts(sample, a, i)
         (image,), bad = self.read_for_eval(index, self.image_res)
         a = self.ann[index]
-        return self.with_concepts((image, pre_caption(a["text"], self.max_words), int(a["ref_id"]), index, bad),
-                                  a, index)
+        return self.with_concepts({"image": image, "caption": pre_caption(a["text"], self.max_words),
+                                   "ref_id": int(a["ref_id"]), "idx": index, "bad": bad}, a, index)
 
 
 def main(argv=None):

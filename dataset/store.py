@@ -81,7 +81,7 @@ def convert(json_files, out, batch_rows=100_000, log=print):
             if str(path).endswith(".parquet"):
                 entries = img2dataset_entries(path)
             elif str(path).endswith(".tar"):   # a webdataset shard: captions + the images' byte ranges
-                from dataset.shards import index_entries
+                from dataset.tar import index_entries
                 entries = index_entries(path, log=log)
             else:
                 with open(path) as f:
@@ -163,7 +163,7 @@ def main(argv=None):
                    "shards (.tar, brace patterns allowed), in order")
     p.add_argument("--out", required=True, help="the store (.arrow)")
     a = p.parse_args(argv)
-    from dataset.shards import expand
+    from dataset.tar import expand
     a.ann = expand(a.ann)
     for f in a.ann:
         if not os.path.isfile(f):

@@ -10,7 +10,6 @@ import json
 import os
 from collections import Counter
 
-import torch
 
 from dataset.caption_dataset import AnnotationError, ImageTextDataset, as_list
 from dataset.utils import pre_question
@@ -64,11 +63,13 @@ class vqa_dataset(ImageTextDataset):
         if self.split == "train":
             image, i, bad = self.read(index)
             answers, weights = self.answers(i)
-            sample = (image, pre_question(self.ann[i]["question"], self.max_ques_words), answers, weights, i, bad)
+            sample = {"image": image, "question": pre_question(self.ann[i]["question"], self.max_ques_words),
+                      "answers": answers, "weights": weights, "idx": i, "bad": bad}
             return self.with_concepts(sample, self.ann[i], i)
         (image,), bad = self.read_for_eval(index, self.image_res)   # answered anyway, counted
         a = self.ann[index]
-        sample = (image, pre_question(a["question"], self.max_ques_words), a["question_id"], index, bad)
+        sample = {"image": image, "question": pre_question(a["question"], self.max_ques_words),
+                  "question_id": a["question_id"], "idx": index, "bad": bad}
         return self.with_concepts(sample, a, index)
 
 
@@ -81,36 +82,3 @@ def read_answer_list(path):
     if not isinstance(data, list) or not data or not all(isinstance(x, str) for x in data):
         raise AnnotationError(f"answer_list: {path!r} must hold a non-empty JSON list of strings")
     return data
-
-
-class VQACollate:
-    """Stack images; tokenize questions (train: ``max_length`` 25 with truncation, ALBEF) and the flattened
-    answers (longest); ``k[b]`` answers belong to question b. One tokenizer call per field per batch."""
-
-    def __init__(self, tokenizer, train=True, max_length=25, vc_max_tokens=55):
-        self.tokenizer, self.train, self.max_length, self.vc_max_tokens = tokenizer, train, max_length, vc_max_tokens
-
-    def __call__(self, batch):
-        from dataset import tokenize_concepts
-        tok = self.tokenizer
-        images = torch.stack([b[0] for b in batch])
-        questions = [b[1] for b in batch]
-        q = tok(questions, padding="longest", truncation=self.train, max_length=self.max_length if self.train else None)
-        out = {"image": images, "question_ids": q["input_ids"], "question_mask": q["attention_mask"],
-               "n": len(batch), "texts_cut": getattr(q, "texts_cut", 0)}
-        if self.train:
-            answers = [a for b in batch for a in b[2]]
-            ans = tok(answers, padding="longest")
-            out.update(answer_ids=ans["input_ids"], answer_mask=ans["attention_mask"],
-                       weights=torch.tensor([w for b in batch for w in b[3]], dtype=torch.float),
-                       k=torch.tensor([len(b[2]) for b in batch], dtype=torch.long),
-                       idx=torch.tensor([b[4] for b in batch], dtype=torch.long), bad=[p for b in batch for p in b[5]])
-            extra = 6
-        else:
-            out.update(question_id=[b[2] for b in batch], idx=torch.tensor([b[3] for b in batch], dtype=torch.long),
-                       bad=[p for b in batch for p in b[4]])
-            extra = 5
-        if len(batch[0]) > extra:
-            out["kw_input_ids"], out["kw_attention_mask"] = tokenize_concepts(tok, [b[extra] for b in batch],
-                                                                              self.vc_max_tokens)
-        return out

@@ -103,24 +103,6 @@ def setup(args):
     return Env(rank, world, local, device)
 
 
-def build(args, config, model_cls, remap=None):
-    """A launcher's start: distributed setup, tokenizer, model, and ``--checkpoint`` weights unless there is a
-    run to resume (``--checkpoint X --resume latest`` on an empty output dir initialises from X)."""
-    from models.checkpoint import load_checkpoint
-    from models.tokenization import ALBEFTokenizer
-    env = setup(args)
-    tokenizer = ALBEFTokenizer(config.get("tokenizer") or config.get("text_encoder") or "")
-    model = model_cls(config, tokenizer)
-    tokenizer.max_positions = model.bert_config.max_position_embeddings
-    resuming = ckpt_io.resolve_resume(args.resume, args.output_dir) if getattr(args, "resume", "") else None
-    if args.checkpoint and resuming is None:
-        if args.resume:
-            print(f"--resume {args.resume}: nothing to resume in {args.output_dir}; starting from --checkpoint "
-                  f"{args.checkpoint}")
-        load_checkpoint(model, args.checkpoint, remap=remap)
-    return env, tokenizer, model
-
-
 def git_commit():
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
@@ -161,7 +143,7 @@ class Trainer:
         self.print_freq = int(value(config, "print_freq"))
         self.ckpt_every = int(value(config, "ckpt_every_steps"))
         self.keep_last = int(value(config, "ckpt_keep_last"))
-        self.warm_up = value(config, "warm_up")
+        self.alpha_warm_up = value(config, "alpha_warm_up")
         self.alpha = float(value(config, "alpha"))
         self.max_steps = value(config, "max_steps")
         self.eval_every = value(config, "eval_every")
@@ -330,7 +312,7 @@ class Trainer:
         """Forward, backward (without the gradient all-reduce on accumulation micro-batches) and, on an
         accumulation boundary, clip + optimizer step."""
         self.scheduler.step(epoch, i)
-        alpha = self.alpha * min(1.0, i / self.n_iters) if (epoch == 0 and self.warm_up) else self.alpha
+        alpha = self.alpha * min(1.0, i / self.n_iters) if (epoch == 0 and self.alpha_warm_up) else self.alpha
         # a 0-d tensor, not a float: a compiled step would take a float as a constant (one graph per value), and
         # eager and compiled runs then take the same branches (the teacher runs at alpha 0 too)
         alpha = torch.tensor(alpha, dtype=torch.float32)
@@ -495,8 +477,9 @@ class Trainer:
         best = os.path.join(self.output_dir, "checkpoint_best.pth")
         if self.select_metric and self.best is not None and os.path.isfile(best):
             load_checkpoint(self.model, best, strict=True, verbose=False)
-            return {"epoch": self.best["epoch"],
-                    "checkpoint": f"checkpoint_best.pth (selected on {self.select_metric.replace('_', ' ', 1)})"}
+            m = self.select_metric   # val_accuracy reads "val accuracy"; a short name (grounding's val_d) stays
+            label = m.replace("_", " ", 1) if len(m.split("_", 1)[-1]) > 2 else m
+            return {"epoch": self.best["epoch"], "checkpoint": f"checkpoint_best.pth (selected on {label})"}
         return {"checkpoint": "last epoch's weights (model_selection: last)"}
 
 

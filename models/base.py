@@ -7,7 +7,7 @@ from torch import nn
 
 from models import concepts as vc
 from models.batch import concepts_of
-from models.objectives import Step
+from models.objectives.step import Step
 from models.checkpoint import init_text_encoder, init_visual_encoder
 from models.momentum import MomentumMixin
 from models.vit import build_vit

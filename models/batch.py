@@ -31,3 +31,8 @@ def as_batch(image, text=None, idx=None, concepts=None, hard_negatives=None, tar
     if targets is not None:
         b["label"] = targets
     return b
+
+
+def to_device(batch, device):
+    """The batch with its tensors on ``device`` (other fields as they are)."""
+    return {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}

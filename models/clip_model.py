@@ -44,6 +44,17 @@ def open_clip_model(name, model_config=None, checkpoint=None, keys=("clip_model"
     return model, transform, open_clip.get_tokenizer(name)
 
 
+def build_clip(config, checkpoint, device):
+    """(model, tokenizer) for the compositional benchmarks: ``checkpoint`` is a finetuning checkpoint of this
+    module, or empty (the config's ``clip_checkpoint`` weights)."""
+    from models.checkpoint import extract_state_dict, load_file
+    clip, tokenizer = build_open_clip(config)
+    model = CLIPWithHardNegatives(config, clip)
+    if checkpoint:
+        model.load_state_dict(extract_state_dict(load_file(checkpoint, "--checkpoint")), strict=False)
+    return model.to(device).eval(), tokenizer
+
+
 def build_open_clip(config):
     """(open_clip model, tokenizer) from the config's keys; errors name the key."""
     model, _, tokenizer = open_clip_model(config.get("clip_model"), config.get("clip_model_config"),
@@ -104,17 +115,3 @@ def clip_scores(model, images, texts, tokenizer, device):
     v = F.normalize(clip.encode_image(images.to(device)).float(), dim=-1)
     t = F.normalize(clip.encode_text(tokenizer([x for ts in texts for x in ts]).to(device)).float(), dim=-1)
     return {"cos": (v.repeat_interleave(k, 0) * t).sum(-1).view(b, k)}
-
-
-def build_clip(config, checkpoint, device):
-    """(model, transform, tokenizer, image_res) for ``engine.compositional --clip``: ``checkpoint`` is a
-    finetuning checkpoint of this module, or empty (the config's ``clip_checkpoint`` weights)."""
-    from dataset.transforms import test_transform
-    from models.checkpoint import extract_state_dict, load_file
-    clip, tokenizer = build_open_clip(config)
-    model = CLIPWithHardNegatives(config, clip)
-    if checkpoint:
-        sd = extract_state_dict(load_file(checkpoint, "--checkpoint"))
-        model.load_state_dict(sd, strict=False)
-    res = int(config.get("image_res") or 224)
-    return model.to(device).eval(), test_transform(res), tokenizer, res

@@ -1,9 +1,6 @@
 """ALBEF NLVR2 model: two images, each fusion layer doubled, cross-attention keys/values shared per pair."""
-import torch
-
 from models.base import ALBEFBase, BertModel
-from models.batch import concepts_of
-from models.classifier import cls_head, distilled_ce
+from models.classifier import DistilledClassifier, cls_head
 from schema import value
 
 
@@ -20,7 +17,7 @@ def share_cross_attention(encoder, fusion_layer):
         a.key, a.value = b.key, b.value
 
 
-class ALBEF(ALBEFBase):
+class ALBEF(DistilledClassifier, ALBEFBase):
     """``forward(batch, alpha)``: ``{'loss_cls'}``; ``predict``: the logits. ``image`` = cat([first images,
     second images])."""
 
@@ -44,14 +41,3 @@ class ALBEF(ALBEFBase):
         out = bert(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=[img0, img1],
                    encoder_attention_mask=[atts0, atts1])
         return head(out.last_hidden_state[:, 0])
-
-    def forward(self, batch, alpha=0.0):
-        image, input_ids, attention_mask = batch["image"], batch["input_ids"], batch["attention_mask"]
-        concepts = concepts_of(batch)
-        prediction = self.predict(image, input_ids, attention_mask, concepts=concepts)
-        prediction_m = None
-        if self.distill:
-            with torch.no_grad():
-                self._momentum_update()
-                prediction_m = self.predict(image, input_ids, attention_mask, momentum=True, concepts=concepts)
-        return {"loss_cls": distilled_ce(prediction, batch["label"], prediction_m, alpha)}

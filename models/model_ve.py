@@ -1,13 +1,10 @@
 """ALBEF visual-entailment model: 12-layer fusion encoder + 3-way head (entailment 2, neutral 1, contradiction 0)."""
-import torch
-
 from models.base import ALBEFBase, BertModel
-from models.batch import concepts_of
-from models.classifier import cls_head, distilled_ce
+from models.classifier import DistilledClassifier, cls_head
 from schema import value
 
 
-class ALBEF(ALBEFBase):
+class ALBEF(DistilledClassifier, ALBEFBase):
     """``forward(batch, alpha)``: ``{'loss_cls'}``; ``predict(image, input_ids, attention_mask)``: the logits [B, 3]."""
 
     num_classes = 3
@@ -26,14 +23,3 @@ class ALBEF(ALBEFBase):
         out = bert(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
                    encoder_attention_mask=self.image_atts(image_embeds, concepts))
         return head(out.last_hidden_state[:, 0])
-
-    def forward(self, batch, alpha=0.0):
-        image, input_ids, attention_mask = batch["image"], batch["input_ids"], batch["attention_mask"]
-        concepts = concepts_of(batch)
-        prediction = self.predict(image, input_ids, attention_mask, concepts=concepts)
-        prediction_m = None
-        if self.distill:
-            with torch.no_grad():
-                self._momentum_update()
-                prediction_m = self.predict(image, input_ids, attention_mask, momentum=True, concepts=concepts)
-        return {"loss_cls": distilled_ce(prediction, batch["label"], prediction_m, alpha)}

@@ -186,7 +186,8 @@ def test_two_image_and_entailment_datasets_and_their_collate(tmp_path, tiny_worl
     from PIL import Image
     from dataset import transforms as T
     from dataset.caption_dataset import AnnotationError
-    from dataset.cls_dataset import ClsCollate, cls_dataset
+    from dataset.cls_dataset import cls_dataset
+    from dataset.collate import Collate
     from models.tokenization import ALBEFTokenizer
     Image.new("RGB", (20, 20), (220, 0, 0)).save(tmp_path / "red.jpg")
     Image.new("RGB", (20, 20), (0, 0, 220)).save(tmp_path / "blue.jpg")
@@ -194,27 +195,27 @@ def test_two_image_and_entailment_datasets_and_their_collate(tmp_path, tiny_worl
            {"images": ["blue.jpg", "missing.jpg"], "sentence": "x", "label": "False"}]
     tf = T.test_transform(16)
     ds = cls_dataset(write(tmp_path / "n.json", ann), tf, str(tmp_path), "nlvr", train=False, image_res=16)
-    (left, right), sentence, label, idx, bad = ds[0]
+    (left, right), sentence, label, idx, bad = (ds[0][k] for k in ("image", "caption", "label", "idx", "bad"))
     assert sentence == "the left one is red" and label == 1 and bad == []
     assert left[0].mean() > left[2].mean() and right[2].mean() > right[0].mean()
-    (_, blank), _, label, _, bad = ds[1]   # evaluation: answered once, the unreadable image blank and counted
+    (_, blank), label, bad = (ds[1][k] for k in ("image", "label", "bad"))   # evaluation: answered once, the unreadable image blank and counted
     assert label == 0 and len(bad) == 1 and "missing.jpg" in bad[0] and blank.abs().sum() == 0
     train = cls_dataset(write(tmp_path / "n.json", ann), tf, str(tmp_path), "nlvr", train=True)
-    (a, b), _, label, i, bad = train[1]   # training: the whole item replaced by a readable one
+    (a, b), label, i, bad = (train[1][k] for k in ("image", "label", "idx", "bad"))   # training: the whole item replaced by a readable one
     assert i == 0 and label == 1 and len(bad) == 1 and a[0].mean() > a[2].mean()
     tok = ALBEFTokenizer(os.path.join(tiny_world, "vocab"))
-    batch = ClsCollate(tok)([ds[0], ds[1]])
+    batch = Collate(tok)([ds[0], ds[1]])
     assert batch["image"].shape == (4, 3, 16, 16) and batch["label"].tolist() == [1, 0] and len(batch["bad"]) == 1
-    assert torch.equal(batch["image"][0], ds[0][0][0]) and torch.equal(batch["image"][1], ds[1][0][0])
-    assert torch.equal(batch["image"][2], ds[0][0][1])   # first images of the batch, then second images
+    assert torch.equal(batch["image"][0], ds[0]["image"][0]) and torch.equal(batch["image"][1], ds[1]["image"][0])
+    assert torch.equal(batch["image"][2], ds[0]["image"][1])   # first images of the batch, then second images
     # SNLI-VE: <id>.jpg under image_root, ALBEF's label ids
     ve = [{"image": "red", "sentence": "a red square", "label": "entailment"},
           {"image": "blue.jpg", "sentence": "b", "label": "neutral"},
           {"image": "blue", "sentence": "c", "label": "contradiction"}]
     vd = cls_dataset(write(tmp_path / "v.json", ve), tf, str(tmp_path), "ve", train=False)
-    assert [vd[i][2] for i in range(3)] == [2, 1, 0] and vd.image_paths(0) == [str(tmp_path / "red.jpg")]
-    assert vd.image_paths(1) == [str(tmp_path / "blue.jpg")] and len(vd[0][0]) == 1
-    assert ClsCollate(tok)([vd[0], vd[1]])["image"].shape == (2, 3, 16, 16)
+    assert [vd[i]["label"] for i in range(3)] == [2, 1, 0] and vd.image_paths(0) == [str(tmp_path / "red.jpg")]
+    assert vd.image_paths(1) == [str(tmp_path / "blue.jpg")] and len(vd[0]["image"]) == 1
+    assert Collate(tok)([vd[0], vd[1]])["image"].shape == (2, 3, 16, 16)
     with pytest.raises(AnnotationError, match=r"entry 0: field 'label' must be one of"):
         cls_dataset(write(tmp_path / "b.json", [{**ve[0], "label": "yes"}]), tf, str(tmp_path), "ve")
     with pytest.raises(AnnotationError, match=r"entry 0: field 'images' must hold 2 paths"):
@@ -225,8 +226,8 @@ def test_two_image_and_entailment_datasets_and_their_collate(tmp_path, tiny_worl
     kw = [{**ann[0], "kwords1": ["red", "square"], "kwords2": ["blue"]}]
     opts = {"p": None, "replacement": False, "sep_token": False}
     kd = cls_dataset(write(tmp_path / "k.json", kw), tf, str(tmp_path), "nlvr", train=False, concepts=opts)
-    assert kd[0][5] == ["red square", "blue"]
-    kb = ClsCollate(tok)([kd[0], kd[0]])
+    assert kd[0]["concepts"] == ["red square", "blue"]
+    kb = Collate(tok)([kd[0], kd[0]])
     assert kb["kw_input_ids"].shape[0] == 4
     with pytest.raises(AnnotationError, match="'kwords2'"):
         cls_dataset(write(tmp_path / "k2.json", [{**ann[0], "kwords1": ["a"]}]), tf, str(tmp_path), "nlvr",
@@ -350,7 +351,7 @@ def test_vicha_concepts_flow_through_nlvr_ve_and_text_assignment(tmp_path, tiny_
     """ViCHA's kwords1 / kwords2 (NLVR2) and kwords (VE) reach the models in the images' order; the
     text-assignment model takes concepts too (ViCHA's NLVR_pretrain.yaml has kw_img_model)."""
     from dataset import create_dataset
-    from dataset.cls_dataset import ClsCollate
+    from dataset.collate import Collate
     from models import MODELS
     from models.tokenization import ALBEFTokenizer
     tok = ALBEFTokenizer(os.path.join(tiny_world, "vocab"))
@@ -360,7 +361,7 @@ def test_vicha_concepts_flow_through_nlvr_ve_and_text_assignment(tmp_path, tiny_
     cfg = tiny_config(kw_img_model=True, num_hidden_layers_kw=2, image_root=tiny_world,
                       train_file=write(tmp_path / "n.json", nlvr), train_crop_scale=[0.5, 1.0], randaugment=False)
     ds = create_dataset("nlvr_train", cfg)
-    batch = ClsCollate(tok)([ds[i] for i in range(4)])
+    batch = Collate(tok)([ds[i] for i in range(4)])
     from dataset.transforms import normalize_uint8   # the engine's step does this on the device
     batch["image"] = normalize_uint8(batch["image"])
     ids = batch["kw_input_ids"]

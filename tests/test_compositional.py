@@ -1,5 +1,5 @@
 """CE-CLIP's hard-negative generator (tools/hard_negatives.py) and the compositional benchmarks' readers
-and scoring (engine/compositional.py)."""
+and scoring (tasks/compositional.py)."""
 import json
 import os
 import random
@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from engine import compositional as comp
+from tasks import compositional as comp
 from tools import hard_negatives as hn
 
 LEXICON = {"man": "NOUN", "woman": "NOUN", "dog": "NOUN", "park": "NOUN", "ball": "NOUN", "red": "ADJ",

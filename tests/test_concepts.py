@@ -9,10 +9,11 @@ import torch
 
 from models.batch import as_batch
 from conftest import tiny_config, tiny_text
-from dataset import TextCollate, create_dataset
+from dataset import create_dataset
+from dataset.collate import text_collate
 from dataset.caption_dataset import AnnotationError
 from dataset.utils import sample_concepts
-from engine.retrieval_eval import encode_images, encode_texts, reference_scores, score_matrices
+from tasks.retrieval import encode_images, encode_texts, reference_scores, score_matrices
 from models import MODELS
 from models.tokenization import ALBEFTokenizer
 from test_models import albef_layout, bert_keys, vit_keys
@@ -61,13 +62,13 @@ def test_dataset_draws_per_sample_seed_and_collates_concept_tokens(tiny_world, t
     cfg = {"train_file": [write_ann(tmp_path, ann)], "image_root": tiny_world, "image_res": 32, "kw_img_model": True,
            "randkw_p": 0.5, "randaugment": False}
     ds = create_dataset("pretrain", cfg, seed=3)
-    first = [ds[i][4] for i in range(8)]
+    first = [ds[i]["concepts"] for i in range(8)]
     assert all(len(s.split()) == 5 for s in first)
-    assert [ds[i][4] for i in range(8)] == first          # same seed, epoch, index: same draw (resume)
+    assert [ds[i]["concepts"] for i in range(8)] == first          # same seed, epoch, index: same draw (resume)
     ds.set_epoch(1)
-    assert [ds[i][4] for i in range(8)] != first
+    assert [ds[i]["concepts"] for i in range(8)] != first
     tok = ALBEFTokenizer(os.path.join(tiny_world, "vocab"))
-    batch = TextCollate(tok)([ds[i] for i in range(4)])
+    batch = text_collate(tok)([ds[i] for i in range(4)])
     assert batch["kw_input_ids"].shape == batch["kw_attention_mask"].shape
     assert batch["kw_attention_mask"][:, 0].all() and batch["kw_input_ids"].shape[0] == 4
     # without kw_img_model the same file gives the plain 4-tuple
@@ -261,7 +262,7 @@ def test_offline_pipeline_end_to_end_resumes_and_trains(tmp_path, tiny_world):
                     bert_config=dict(tiny_config()["bert_config"], vocab_size=128))
     tok = ALBEFTokenizer(os.path.join(tiny_world, "vocab"))
     ds = create_dataset("pretrain", cfg)
-    batch = TextCollate(tok)([ds[i] for i in range(4)])
+    batch = text_collate(tok)([ds[i] for i in range(4)])
     model = MODELS["pretrain"](cfg, tok)
     from dataset.transforms import normalize_uint8   # the engine's step does this on the device
     out = model(dict(batch, image=normalize_uint8(batch["image"])))

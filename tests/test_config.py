@@ -14,7 +14,7 @@ def test_albef_configs_validate_and_keep_original_values():
     assert cfg["optimizer"] == {"opt": "adamW", "lr": 1e-4, "weight_decay": 0.02}
     validate(load_config("configs/demo/Pretrain.yaml"))
     grit = validate(load_config("configs/Pretrain_grit.yaml"))   # GRIT-VLP's values
-    assert grit["grit"] == {"queue_size": 48000, "search_space": 1920} and grit["mlm_probability"] == 0.5
+    assert grit["grit"] == {"collect_size": 48000, "search_space": 1920} and grit["mlm_probability"] == 0.5
     assert grit["batch_size"] == 128 and grit["train_epochs"] == 20 and grit["schedular"]["epochs"] == 30
     assert grit["itc_consistency_weight"] == 0.2 and grit["use_momentum"] is False
     mafa = validate(load_config("configs/Pretrain_mafa.yaml"))   # MAFA's: GRIT's plus ECM and S-ITC
@@ -146,8 +146,8 @@ assert len(ORIGINAL_FILES) == 36, ORIGINAL_FILES
 def launch_config(monkeypatch, launcher, path, *extra):
     """The config exactly as the launcher ``launcher`` (Pretrain or Retrieval) reads it from its arguments."""
     import importlib
-    mod = importlib.import_module("engine.classify" if launcher in ("NLVR", "VE") else
-                                  "engine.grounding" if launcher == "Grounding" else launcher)
+    mod = importlib.import_module("tasks.classification" if launcher in ("NLVR", "VE") else
+                                  "tasks.grounding" if launcher == "Grounding" else launcher)
     main = (lambda: mod.main(launcher.lower(), launcher, path, "/nonexistent")) if launcher in ("NLVR", "VE") \
         else mod.main
     captured = {}
@@ -171,12 +171,12 @@ def test_original_configs_load_unchanged_through_the_launchers(monkeypatch, path
         else "VE" if name.startswith("VE") else "Grounding" if name.startswith("Grounding") else "Pretrain"
     cfg = launch_config(monkeypatch, launcher, path)
     if launcher == "Grounding":
-        from engine.grounding import grid_size
+        from tasks.grounding import grid_size
         assert grid_size(cfg) == (24 if fork == "ALBEF" else 23) and cfg["det_file"].endswith("dets.json")
         assert cfg["eval_every"] == 1 and bool(cfg.get("kw_img_model")) is (fork == "ViCHA")
     if fork in ("GRIT-VLP", "MAFA") and name == "Pretrain.yaml":
         # GRIT's queue_size is its collection queue, not ALBEF's ITC queue; its model has no momentum encoders
-        assert cfg["grit"] == {"queue_size": 48000, "search_space": 1920} and "queue_size" not in cfg
+        assert cfg["grit"] == {"collect_size": 48000, "search_space": 1920} and "queue_size" not in cfg
         assert cfg["use_momentum"] is False and cfg["itc_consistency_weight"] == 0.2
         assert cfg["itm_negative_selection"] == "argmax" and cfg["train_epochs"] == 20
     if fork == "ViCHA" and name.startswith("Pretrain"):
@@ -194,7 +194,7 @@ def test_original_configs_load_unchanged_through_the_launchers(monkeypatch, path
         assert len(model.text_encoder.encoder.layer) == (12 if launcher == "VE" else 18)
         if launcher != "Pretrain_nlvr":
             assert model.distill is (fork != "GRIT-VLP" and fork != "MAFA") and cfg["alpha"] == (0 if not model.distill else 0.4)
-            assert cfg["warm_up"] is (launcher == "NLVR") and cfg["schedular"]["lr"] == 2e-5
+            assert cfg["alpha_warm_up"] is (launcher == "NLVR") and cfg["schedular"]["lr"] == 2e-5
         else:
             assert cfg["image_res"] == 256 and cfg["max_tokens"] == 25 and not model.vision_proj.weight.requires_grad
     if launcher == "Pretrain":   # the model these keys describe builds (full size, on meta)
@@ -210,7 +210,7 @@ def test_mafa_command_line_makes_the_grit_file_mafa(monkeypatch):
                         "--filter_checkpoint", "filter.pth", "--low_threshold", "0.4")
     assert cfg["ecm"] == {"filter_config": "configs/filter.yaml", "filter_checkpoint": "filter.pth",
                           "low_threshold": 0.4}
-    assert cfg["itc_label_smoothing"] == 0.5 and cfg["itc_consistency_weight"] == 0.0 and cfg["grit"]["queue_size"] == 48000
+    assert cfg["itc_label_smoothing"] == 0.5 and cfg["itc_consistency_weight"] == 0.0 and cfg["grit"]["collect_size"] == 48000
 
 
 @pytest.mark.slow
@@ -254,7 +254,7 @@ def test_shipped_nlvr_and_ve_configs_hold_the_originals_values():
     vicha = validate(load_config("configs/NLVR_vicha.yaml"), task="nlvr")
     assert vicha["kw_img_model"] is True and vicha["batch_size"] == 8 and vicha["image_res"] == 380
     ve = validate(load_config("configs/VE.yaml"), task="ve")
-    assert ve["warm_up"] is False and ve["batch_size_train"] == 32 and ve["batch_size_test"] == 64
+    assert ve["alpha_warm_up"] is False and ve["batch_size_train"] == 32 and ve["batch_size_test"] == 64
     assert ve["schedular"]["epochs"] == 5
     assert validate(load_config("configs/VE_vicha.yaml"), task="ve")["batch_size_train"] == 16
     ta = validate(load_config("configs/NLVR_pretrain.yaml"), task="pretrain_nlvr")

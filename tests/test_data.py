@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset import TextCollate, create_dataset
+from dataset import create_dataset
+from dataset.collate import text_collate
 from dataset.caption_dataset import AnnotationError, pretrain_dataset, re_eval_dataset, re_train_dataset
 from dataset.randaugment import OPS, RandomAugment
 from dataset import transforms as T
@@ -82,19 +83,19 @@ def test_formats_and_image_root(tmp_path):
     jpeg(tmp_path / "a.jpg"), jpeg(tmp_path / "b.jpg")
     pre = write(tmp_path, "p.json", [{"image": "a.jpg", "caption": "A cat."}, {"image": "b.jpg", "caption": ["x", "y"]}])
     ds = pretrain_dataset([pre], T.test_transform(16), image_root=str(tmp_path))
-    img, cap, idx, bad = ds[0]
+    img, cap, idx, bad = (ds[0][k] for k in ("image", "caption", "idx", "bad"))
     assert img.shape == (3, 16, 16) and cap == "a cat" and idx == 0 and bad == []
     choices = []
     for epoch in range(16):   # the caption choice is seeded per (seed, epoch, index)
         ds.set_epoch(epoch)
-        choices.append(ds[1][1])
-        assert ds[1][1] == choices[-1]
+        choices.append(ds[1]["caption"])
+        assert ds[1]["caption"] == choices[-1]
     assert set(choices) == {"x", "y"}
     rt = write(tmp_path, "r.json", [{"image": "a.jpg", "caption": "c1", "image_id": "z"},
                                     {"image": "a.jpg", "caption": "c2", "image_id": "z"},
                                     {"image": "b.jpg", "caption": "c3", "image_id": 7}])
     ds = re_train_dataset([rt], T.test_transform(16), str(tmp_path))
-    assert [ds[i][2] for i in range(3)] == [0, 0, 1]
+    assert [ds[i]["idx"] for i in range(3)] == [0, 0, 1]
     ev = write(tmp_path, "e.json", [{"image": "a.jpg", "caption": ["c1", "c2"]}, {"image": "b.jpg", "caption": ["c3"]}])
     ds = re_eval_dataset(ev, T.test_transform(16), str(tmp_path))
     assert ds.text == ["c1", "c2", "c3"] and ds.img2txt == {0: [0, 1], 1: [2]} and ds.txt2img == {0: 0, 1: 0, 2: 1}
@@ -105,13 +106,13 @@ def test_bad_images_are_replaced_and_only_the_requested_one_is_reported(tmp_path
     (tmp_path / "corrupt.jpg").write_bytes(b"not an image")
     ann = [{"image": n, "caption": "c"} for n in ("missing.jpg", "corrupt.jpg", "ok.jpg")]
     ds = pretrain_dataset([write(tmp_path, "p.json", ann)], T.test_transform(16), image_root=str(tmp_path))
-    img, cap, idx, bad = ds[0]
+    img, cap, idx, bad = (ds[0][k] for k in ("image", "caption", "idx", "bad"))
     # the replacement (the only readable item) is what is trained and what its index says; only the
     # requested image is reported, not the corrupt one tried on the way: each bad image counts once
     assert idx == 2 and len(bad) == 1 and "missing.jpg" in bad[0]
-    assert ds[1][2] == 2 and len(ds[1][3]) == 1 and "corrupt.jpg" in ds[1][3][0]
-    assert ds[2][2] == 2 and ds[2][3] == []
-    assert ds[0][2] == idx   # the replacement is a function of the sample's seed: a resumed run draws it again
+    assert ds[1]["idx"] == 2 and len(ds[1]["bad"]) == 1 and "corrupt.jpg" in ds[1]["bad"][0]
+    assert ds[2]["idx"] == 2 and ds[2]["bad"] == []
+    assert ds[0]["idx"] == idx   # the replacement is a function of the sample's seed: a resumed run draws it again
 
 
 def test_a_missing_block_in_a_large_corpus_is_replaced_but_all_missing_stops_fast(tmp_path):
@@ -121,7 +122,7 @@ def test_a_missing_block_in_a_large_corpus_is_replaced_but_all_missing_stops_fas
     ann[:300] = [{"image": f"gone/{i}.jpg", "caption": "c"} for i in range(300)]   # 300 missing in a row
     ds = pretrain_dataset([write(tmp_path, "p.json", ann)], T.test_transform(8), image_root=str(tmp_path))
     for i in range(0, 300, 7):
-        assert ds[i][2] % 10 == 9 and len(ds[i][3]) == 1
+        assert ds[i]["idx"] % 10 == 9 and len(ds[i]["bad"]) == 1
     none = pretrain_dataset([write(tmp_path, "none.json", [{"image": f"x/{i}.jpg", "caption": "c"}
                                                            for i in range(10000)])], T.test_transform(8),
                             image_root=str(tmp_path))
@@ -138,11 +139,11 @@ def test_truncated_jpegs_load_as_albef_unless_switched_off(tmp_path):
     (tmp_path / "trunc.jpg").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 2])
     jpeg(tmp_path / "ok.jpg")
     ann = write(tmp_path, "p.json", [{"image": "trunc.jpg", "caption": "c"}, {"image": "ok.jpg", "caption": "c"}])
-    assert pretrain_dataset([ann], T.test_transform(16), image_root=str(tmp_path))[0][3] == []
+    assert pretrain_dataset([ann], T.test_transform(16), image_root=str(tmp_path))[0]["bad"] == []
     strict = pretrain_dataset([ann], T.test_transform(16), image_root=str(tmp_path), truncated_ok=False)
-    assert strict[0][2] == 1 and "trunc.jpg" in strict[0][3][0]
+    assert strict[0]["idx"] == 1 and "trunc.jpg" in strict[0]["bad"][0]
     cfg = {"train_file": [ann], "image_root": str(tmp_path), "image_res": 16, "load_truncated_images": False}
-    assert create_dataset("pretrain", cfg)[0][3] != []
+    assert create_dataset("pretrain", cfg)[0]["bad"] != []
 
 
 def test_sixteen_bit_and_odd_modes_are_rescaled_not_clipped(tmp_path):
@@ -187,7 +188,7 @@ def test_collate_tokenizes_and_carries_bad_paths(tiny_world):
     tok = ALBEFTokenizer(os.path.join(tiny_world, "vocab"))
     cfg = {"train_file": [os.path.join(tiny_world, "pretrain.json")], "image_root": tiny_world, "image_res": 16}
     ds = create_dataset("pretrain", cfg)
-    batch = TextCollate(tok, max_length=25)([ds[0], ds[1], ds[2]])
+    batch = text_collate(tok, max_length=25)([ds[0], ds[1], ds[2]])
     assert batch["image"].shape == (3, 3, 16, 16) and batch["input_ids"].shape[0] == 3
     assert (batch["input_ids"][:, 0] == tok.cls_token_id).all() and batch["bad"] == [] and batch["n"] == 3
     assert tok.unk_token_id not in batch["input_ids"].tolist()
@@ -196,10 +197,10 @@ def test_collate_tokenizes_and_carries_bad_paths(tiny_world):
 def test_per_sample_augmentation_is_reproducible(tiny_world):
     cfg = {"train_file": [os.path.join(tiny_world, "pretrain.json")], "image_root": tiny_world, "image_res": 16}
     ds = create_dataset("pretrain", cfg, seed=3)
-    a, b = ds[5][0], ds[5][0]
+    a, b = ds[5]["image"], ds[5]["image"]
     assert torch.equal(a, b)
     ds.set_epoch(1)
-    assert not torch.equal(ds[5][0], a)
+    assert not torch.equal(ds[5]["image"], a)
 
 
 def test_demo_world_is_deterministic_and_false_negatives_are_exact(tmp_path, tiny_world):

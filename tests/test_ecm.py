@@ -7,7 +7,7 @@ import torch
 from models.batch import as_batch
 from conftest import tiny_config, tiny_text
 from models import MODELS
-from engine.ecm_filter import build_discriminator
+from tasks.ecm_filter import build_discriminator
 from models.objectives.ecm import (AMBIGUOUS, CONNECTION, NEGATIVE, ConnectionDiscriminator, decide,
                         hardest_two, itm_negatives, s_itc_targets)
 

@@ -59,7 +59,7 @@ def load(path):
 
 
 GRIT = dict(use_momentum=False, distill=False, itc_consistency_weight=0.2, itm_negative_selection="argmax",
-            mlm_probability=0.5, grit={"queue_size": 48, "search_space": 16})
+            mlm_probability=0.5, grit={"collect_size": 48, "search_space": 16})
 
 
 def mafa_options(tmp_path):
@@ -188,7 +188,7 @@ def test_two_process_gloo_run_trains_with_grit_grouping(tiny_world, tmp_path):
     out = str(tmp_path / "grit")
     cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29733",
            os.path.join(ROOT, "Pretrain.py"), "--config", config, "--output_dir", out, "--device", "cpu",
-           "--opts", "ckpt_every_steps=5", "grit.queue_size=16"]
+           "--opts", "ckpt_every_steps=5", "grit.collect_size=16"]
     log = str(tmp_path / "collectives")
     run(cmd, env_extra={"ALBEF_CHECK_COLLECTIVES": "1", "ALBEF_CHECK_COLLECTIVES_LOG": log})
     first, last = load(os.path.join(out, "checkpoint_00.pth")), load(os.path.join(out, "checkpoint_01.pth"))

@@ -21,7 +21,7 @@ def tiny_model(seed=0):
 
 
 def test_itm_gradcam_equals_a_hand_computation_per_expression():
-    from engine.grounding import gradcam_itm
+    from tasks.grounding import gradcam_itm
     m = tiny_model()
     grid, layer = 4, 3   # 32 px / patch 8; the tiny BERT's second cross-attention layer
     image = torch.randn(3, 3, 32, 32)
@@ -51,7 +51,7 @@ def test_itm_gradcam_equals_a_hand_computation_per_expression():
 
 
 def test_itc_gradcam_equals_a_hand_computation_per_expression():
-    from engine.grounding import gradcam_itc
+    from tasks.grounding import gradcam_itc
     m = tiny_model()
     image, t = torch.randn(2, 3, 32, 32), tiny_text(2)
     cams = gradcam_itc(m, image, t["input_ids"], t["attention_mask"], 1, 4)
@@ -68,7 +68,7 @@ def test_itc_gradcam_equals_a_hand_computation_per_expression():
 
 
 def test_box_scores_iou_and_ties_on_hand_made_boxes():
-    from engine.grounding import box_scores, iou_inclusive, pick_box
+    from tasks.grounding import box_scores, iou_inclusive, pick_box
     # inclusive pixels: [0,0,10,10] covers 0..9; [5,5,10,10] covers 5..14: 5x5 overlap of 100+100-25
     assert iou_inclusive([0, 0, 10, 10], [5, 5, 10, 10]) == pytest.approx(25 / 175)
     assert iou_inclusive([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
@@ -139,7 +139,7 @@ def test_an_empty_split_is_reported_not_divided_by(tiny_world, tmp_path, capsys)
     from dataset import create_dataset
     from dataset.grounding_dataset import load_dets, load_refs
     from engine.config import load_config, validate
-    from engine.grounding import evaluate
+    from tasks.grounding import evaluate
     from models.tokenization import ALBEFTokenizer
     cfg = validate(load_config(grounding_config(tiny_world, str(tmp_path / "g.yaml"))), task="grounding")
     cfg["test_file"] = cfg["test_file"][:1]   # val only: testA and testB are empty
@@ -166,33 +166,39 @@ def test_grounding_py_trains_selects_and_evaluates_the_same_under_two_ranks(tiny
     run([sys.executable, launcher, "--config", config, "--checkpoint", ckpt, "--output_dir", out, "--device", "cpu",
          "--block_num", "1"])
     rows = [json.loads(line) for line in open(os.path.join(out, "results.jsonl"))]
-    assert [r.get("epoch") for r in rows] == [0, 1]
-    assert all(r["n_val_d"] == 13 and r.get("n_testA_d", 0) + r.get("n_testB_d", 0) == 16 for r in rows)
+    # validation after each epoch (never labelled test), then testA / testB once with the selected weights
+    assert [(r["split"], r.get("epoch")) for r in rows[:2]] == [("val", 0), ("val", 1)]
+    assert all(r["n_val_d"] == 13 and "testA_d" not in r for r in rows[:2])
+    test = rows[2]
+    assert test["split"] == "test" and test.get("n_testA_d", 0) + test.get("n_testB_d", 0) == 16 and "val_d" not in test
     log = [json.loads(line) for line in open(os.path.join(out, "log.txt"))]
-    assert log[-1]["best_epoch"] == max(rows, key=lambda r: r["val_d"])["epoch"]
+    best = max(rows[:2], key=lambda r: r["val_d"])["epoch"]
+    assert log[-1]["best_epoch"] == best and test["checkpoint"] == "checkpoint_best.pth (selected on val_d)"
     assert load(os.path.join(out, "checkpoint_best.pth"))["best"]["metric"] == "val_d"
-    res = json.load(open(os.path.join(out, "result", "grounding_epoch1.json")))
-    assert len(res) == 29 and len({r["ref_id"] for r in res}) == 29
-    pngs = os.listdir(os.path.join(out, "result", "pictures_epoch1"))
+    assert len(json.load(open(os.path.join(out, "result", "grounding_val_epoch1.json")))) == 13
+    res = json.load(open(os.path.join(out, "result", "grounding_test_best.json")))
+    assert len(res) == 16 and len({r["ref_id"] for r in res}) == 16
+    pngs = os.listdir(os.path.join(out, "result", "pictures_test_best"))
     assert len(pngs) == 3 and all(p.endswith(".png") for p in pngs)
     from PIL import Image
-    assert Image.open(os.path.join(out, "result", "pictures_epoch1", pngs[0])).size[0] > 100
-    last = os.path.join(out, "checkpoint_01.pth")
+    assert Image.open(os.path.join(out, "result", "pictures_test_best", pngs[0])).size[0] > 100
+    chosen = os.path.join(out, "checkpoint_best.pth")
     for n, port in ((1, None), (2, "29749")):
-        cmd = [launcher, "--config", config, "--checkpoint", last, "--output_dir", out, "--device", "cpu",
+        cmd = [launcher, "--config", config, "--checkpoint", chosen, "--output_dir", out, "--device", "cpu",
                "--block_num", "1", "--evaluate"]
         run([sys.executable, *cmd] if n == 1 else
             [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, *cmd])
-        again = [json.loads(line) for line in open(os.path.join(out, "results.jsonl"))][-1]
-        for k in ("val_d", "testA_d", "testB_d", "n_val_d", "n_testA_d", "n_testB_d"):
-            assert again.get(k) == rows[-1].get(k), (n, k)
+        val, again = [json.loads(line) for line in open(os.path.join(out, "results.jsonl"))][-2:]
+        for k in ("testA_d", "testB_d", "n_testA_d", "n_testB_d"):
+            assert again.get(k) == test.get(k), (n, k)
+        assert val["val_d"] == rows[best]["val_d"] and val["n_val_d"] == 13
     assert not [f for f in os.listdir(os.path.join(out, "result")) if "_rank" in f]
 
 
 @pytest.mark.parametrize("mode", ["itm", "itc"])
 def test_vicha_concepts_join_the_image_tokens_and_leave_the_map_its_patches(mode):
     """ViCHA's Grounding.yaml has kw_img_model: the concept tokens are attended but not part of the map."""
-    from engine.grounding import gradcam
+    from tasks.grounding import gradcam
     from models import MODELS
     torch.manual_seed(0)
     m = MODELS["retrieval"](tiny_config(distill=False, use_momentum=False, kw_img_model=True,

@@ -255,17 +255,17 @@ def test_hard_negatives_never_pick_positives_and_follow_softmax():
     sim = torch.tensor([[5.0, 1.0, 0.0, 2.0], [1.0, 5.0, 3.0, 3.0], [0.0, 0.0, 9.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
     pos = torch.eye(4, dtype=torch.bool)
     pos[3] = True   # row 3: every sample shares the image -> no valid negative
-    w, valid = objectives.hard_negative_weights(sim, pos)
+    w, valid = objectives.itm_negative_weights(sim, pos)
     assert valid.tolist() == [True, True, True, False]
     assert torch.allclose(w[0], torch.softmax(torch.tensor([-math.inf, 1.0, 0.0, 2.0]), 0))
-    draws = torch.stack([objectives.sample_hard_negatives(sim, pos)[0] for _ in range(3000)])
+    draws = torch.stack([objectives.sample_itm_negatives(sim, pos)[0] for _ in range(3000)])
     assert not (draws[:, :3] == torch.arange(3)).any()
     freq = (draws[:, 1:2] == torch.tensor([0, 2, 3])).float().mean(0)
     expect = torch.softmax(torch.tensor([1.0, 3.0, 3.0]), 0)
     assert torch.allclose(freq, expect, atol=0.04)
-    idx, _ = objectives.topk_hard_negatives(sim, pos)
+    idx, _ = objectives.hardest_itm_negatives(sim, pos)
     assert idx[:3].tolist() == [3, 2, 0]
-    nan = objectives.sample_hard_negatives(torch.full((2, 2), float("nan")), torch.eye(2, dtype=torch.bool))[0]
+    nan = objectives.sample_itm_negatives(torch.full((2, 2), float("nan")), torch.eye(2, dtype=torch.bool))[0]
     assert nan.tolist() == [1, 0]
 
 
@@ -273,11 +273,11 @@ def test_uniform_negatives_never_pick_positives_and_ignore_similarity():
     torch.manual_seed(0)
     pos = torch.eye(3, dtype=torch.bool)
     pos[2] = True   # no valid negative
-    draws = torch.stack([objectives.random_negatives(pos)[0] for _ in range(3000)])
+    draws = torch.stack([objectives.uniform_itm_negatives(pos)[0] for _ in range(3000)])
     assert not (draws[:, :2] == torch.arange(2)).any()
     freq = (draws[:, 0:1] == torch.tensor([1, 2])).float().mean(0)
     assert torch.allclose(freq, torch.tensor([0.5, 0.5]), atol=0.04)
-    assert objectives.random_negatives(pos)[1].tolist() == [True, True, False]
+    assert objectives.uniform_itm_negatives(pos)[1].tolist() == [True, True, False]
 
 
 def test_itm_loss_drops_pairs_without_negative():
@@ -412,7 +412,7 @@ def test_itc_similarities_targets_and_itm_weights_stay_fp32_under_bf16_autocast(
         assert (torch.randn(3, 3) @ torch.randn(3, 3)).dtype == torch.bfloat16   # autocast is on
         loss, sim_i2t, sim_t2i = momentum_itc(m, f, f, f, f, pos, alpha=0.4)
         ib_i2t, _ = in_batch_sims(m, f, f)
-        w, _ = objectives.hard_negative_weights(sim_i2t[:, :4], pos[:, :4])
+        w, _ = objectives.itm_negative_weights(sim_i2t[:, :4], pos[:, :4])
         h = objectives.hidden_itc_loss(f, f, m.temp)
     assert sim_i2t.dtype == sim_t2i.dtype == ib_i2t.dtype == w.dtype == torch.float32
     assert loss.dtype == h.dtype == torch.float32
@@ -436,7 +436,7 @@ def test_accumulation_micro_batches_skip_the_gradient_all_reduce():
     t.env = SimpleNamespace(device=torch.device("cpu"))
     t.scheduler = SimpleNamespace(step=lambda e, i: None)
     t.optimizer = torch.optim.SGD(lin.parameters(), lr=0.1)
-    t.alpha, t.warm_up, t.n_iters, t.accum, t.clip, t.loss_weights = 0.0, False, 8, 4, None, {}
+    t.alpha, t.alpha_warm_up, t.n_iters, t.accum, t.clip, t.loss_weights = 0.0, False, 8, 4, None, {}
     t.model, t.ddp, t.global_step = lin, FakeDDP(), 0
     t.autocast = contextlib.nullcontext
     model = lambda batch, alpha: {"loss_x": lin(batch["x"]).sum()}   # noqa: E731

@@ -485,7 +485,7 @@ def test_grit_sets_the_next_epochs_order_from_the_walk():
     torch.manual_seed(2)
     n, batch = 16, 4
     sampler = GroupedSampler(n, batch, 1, 0, shuffle=True, seed=3)
-    grit = Grit({"queue_size": 8, "search_space": 8, "queue_precision": "fp32"}, sampler, 6, batch, 3, 0, 1,
+    grit = Grit({"collect_size": 8, "search_space": 8, "queue_precision": "fp32"}, sampler, 6, batch, 3, 0, 1,
                 "cpu", n)
     grit.on_epoch_start(0)
     sampler.set_epoch(0)

@@ -15,7 +15,7 @@ from test_engine import GRIT, PY, ROOT, load, mafa_options, pretrain_cmd, run, w
 KILLER = """
 import os, runpy, signal, sys
 sys.path.insert(0, {root!r})
-import engine.retrieval_eval as ev
+import tasks.retrieval as ev
 real, log = ev.evaluate_split, os.path.join({out!r}, "log.txt")
 def evaluate_split(*a, **k):
     out = real(*a, **k)

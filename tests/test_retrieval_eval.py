@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from engine.retrieval_eval import FILL, itm_eval, reference_scores, score_matrices
+from tasks.retrieval import FILL, itm_eval, reference_scores, score_matrices
 from models import MODELS
 
 

@@ -158,7 +158,7 @@ def test_compiled_pretraining_breaks_its_graph_only_where_listed(case):
         model.set_discriminator(ConnectionDiscriminator(MODELS["retrieval"](config(use_momentum=False,
                                                                                    distill=False)), 0.0, 0.0))
     torch._dynamo.reset()
-    ex = torch._dynamo.explain(model)(torch.randn(8, 3, 32, 32), tiny_text(8, n=12), alpha=torch.tensor(0.4))
+    ex = torch._dynamo.explain(model)(as_batch(torch.randn(8, 3, 32, 32), tiny_text(8, n=12)), alpha=torch.tensor(0.4))
     lines = {r.user_stack[-1].line.strip() for r in ex.break_reasons}
     listed = {"positions = None if full else (labels != -100).nonzero(as_tuple=True)"}
     if case == "mafa":

@@ -12,7 +12,8 @@ pytest.importorskip("webdataset")
 pytest.importorskip("pyarrow")
 from dataset import create_dataset   # noqa: E402
 from dataset.sampler import ResumableDistributedSampler   # noqa: E402
-from dataset.shards import ShardStream, StreamCollate, index_entries, write_shards   # noqa: E402
+from dataset.shards import ShardStream, StreamCollate, write_shards   # noqa: E402
+from dataset.tar import index_entries   # noqa: E402
 from dataset.store import ArrowAnnotations, convert   # noqa: E402
 from test_engine import (GRIT, PY, ROOT, grit_runs_end_equal, kill_when_saved, load, pretrain_cmd, run,  # noqa: E402
                          write_config)
@@ -55,14 +56,16 @@ def test_shards_round_trip_and_every_reader_gives_the_json_samples(tiny_world, t
     stream = create_dataset("pretrain", base(tiny_world, train_file=shards["spec"], batch_size=8, num_workers=0,
                                              shuffle_buffer=30), seed=3)
     assert isinstance(stream, ShardStream) and stream.num_batches == 12
-    streamed = {s[2]: s for b in stream for s in b}
+    streamed = {s["idx"]: s for b in stream for s in b}
     assert sorted(streamed) == list(range(96))   # one epoch: each sample once
     for i in (0, 13, 50, 95):   # same image (the same augmentation draw), caption, index
         a, b, c = from_json[i], indexed[i], streamed[i]
-        assert torch.equal(a[0], b[0]) and torch.equal(a[0], c[0]) and a[1:] == b[1:] == c[1:]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["image"], c["image"])
+        assert [{k: v for k, v in x.items() if k != "image"} for x in (b, c)] == [{k: v for k, v in a.items()
+                                                                                if k != "image"}] * 2
     # a forked worker reads through its own descriptors
     loader = torch.utils.data.DataLoader(indexed, batch_size=4, num_workers=1, collate_fn=list)
-    assert next(iter(loader))[0][1:] == from_json[0][1:]
+    assert next(iter(loader))[0]["caption"] == from_json[0]["caption"]
 
 
 def test_json_entries_may_name_shard_members_and_mix_with_stores(tiny_world, tmp_path, shards):
@@ -80,7 +83,7 @@ def test_json_entries_may_name_shard_members_and_mix_with_stores(tiny_world, tmp
                               np.asarray(load_image(os.path.join(tiny_world, ann[12 + j]["image"]))))
     e = dict(mixed.ann[3 + 40])
     assert e.pop("image").endswith("00003.tar#000030004.jpg") and e.pop("tar_size") > 0 and e.pop("tar_offset") > 0
-    assert e == {k: v for k, v in ann[40].items() if k != "image"} and mixed[0][3] == []
+    assert e == {k: v for k, v in ann[40].items() if k != "image"} and mixed[0]["bad"] == []
     with pytest.raises(ValueError, match="python -m dataset.store"):
         create_dataset("pretrain", base(tiny_world, train_file=[shards["paths"][0], str(f)]))
     with pytest.raises(ValueError, match="GRIT regroups"):
@@ -108,7 +111,7 @@ def test_corrupt_members_and_cut_shards_are_skipped_and_counted(tiny_world, tmp_
     # streamed: dropped, counted with the next sample, and the batch stays full
     stream = ShardStream([path, str(tmp_path / "00001.tar")], ds.transform, 30, batch_size=2, num_samples=6,
                          shuffle_buffer=1)
-    collate = StreamCollate(lambda b: {"bad": [p for s in b for p in s[3]], "n": len(b)})
+    collate = StreamCollate(lambda b: {"bad": [p for s in b for p in s["bad"]], "n": len(b)})
     batches = [collate(b) for b in stream]
     assert len(batches) == 3 and sum(len(b["bad"]) for b in batches) == 1
     assert sum(b["n"] for b in batches) == 7   # 6 trained + 1 unreadable read

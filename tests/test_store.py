@@ -43,10 +43,12 @@ def test_pretraining_over_the_store_gives_the_json_samples(tiny_world, tmp_path)
     assert len(from_json) == len(from_store)
     for i in (0, 5, len(from_json) - 1):
         a, b = from_json[i], from_store[i]
-        assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+        assert torch.equal(a["image"], b["image"]) and {k: v for k, v in a.items() if k != "image"} == \
+            {k: v for k, v in b.items() if k != "image"}
     loader = torch.utils.data.DataLoader(from_store, batch_size=4, num_workers=1, collate_fn=list)
     first = next(iter(loader))
-    assert first[0][1:] == from_json[0][1:]
+    assert {k: v for k, v in first[0].items() if k != "image"} == \
+        {k: v for k, v in from_json[0].items() if k != "image"}
     both = create_dataset("pretrain", {**base, "train_file": [out, src]}, seed=3)   # a store and JSON mix
     assert len(both) == 2 * len(from_json) and both.source_sizes == [len(from_json)] * 2
     assert both.ann[len(from_json) + 5] == from_json.ann[5] and both.ann[5] == from_store.ann[5]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_config, tiny_text
-from utils import normalize_answer, vqa_accuracy, vqa_score
+from tasks.vqa import normalize_answer, vqa_accuracy, vqa_score
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -92,7 +92,8 @@ def test_dataset_weights_eos_roots_and_collate(tmp_path, tiny_world):
     from PIL import Image
     from dataset import transforms as T
     from dataset.caption_dataset import AnnotationError
-    from dataset.vqa_dataset import VQACollate, vqa_dataset
+    from dataset.collate import vqa_collate
+    from dataset.vqa_dataset import vqa_dataset
     from models.tokenization import ALBEFTokenizer
     os.makedirs(tmp_path / "coco"), os.makedirs(tmp_path / "vg")
     Image.new("RGB", (20, 20), (200, 0, 0)).save(tmp_path / "coco" / "a.jpg")
@@ -101,13 +102,13 @@ def test_dataset_weights_eos_roots_and_collate(tmp_path, tiny_world):
            {"dataset": "vg", "image": "a.jpg", "question": "Is there a circle?", "answer": "yes"}]
     ds = vqa_dataset([write(tmp_path / "t.json", ann)], T.test_transform(16), str(tmp_path / "coco"),
                      str(tmp_path / "vg"))
-    img, q, answers, weights, idx, bad = ds[0]
+    img, q, answers, weights, idx, bad = (ds[0][k] for k in ("image", "question", "answers", "weights", "idx", "bad"))
     assert q == "what color is it" and answers == ["red[SEP]", "blue[SEP]"] and weights == pytest.approx([2 / 3, 1 / 3])
     assert img[0].mean() > img[2].mean()   # from vqa_root: the red image
-    img, q, answers, weights, idx, bad = ds[1]
+    img, q, answers, weights, idx, bad = (ds[1][k] for k in ("image", "question", "answers", "weights", "idx", "bad"))
     assert answers == ["yes[SEP]"] and weights == [0.5] and img[2].mean() > img[0].mean()   # vg_root, ALBEF's 0.5
     tok = ALBEFTokenizer(os.path.join(tiny_world, "vocab"))
-    batch = VQACollate(tok, train=True)([ds[0], ds[1]])
+    batch = vqa_collate(tok, train=True)([ds[0], ds[1]])
     assert batch["k"].tolist() == [2, 1] and batch["answer_ids"].shape[0] == 3 and batch["n"] == 2
     assert torch.allclose(batch["weights"], torch.tensor([2 / 3, 1 / 3, 0.5]))
     assert (batch["answer_ids"] == tok.sep_token_id).sum(1).tolist() == [1, 1, 1]   # eos on every answer

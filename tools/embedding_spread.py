@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dataset import create_dataset   # noqa: E402
 from engine.config import load_config   # noqa: E402
-from engine.retrieval_eval import encode_images, encode_texts, itm_eval   # noqa: E402
+from tasks.retrieval import encode_images, encode_texts, itm_eval   # noqa: E402
 from models.checkpoint import load_checkpoint   # noqa: E402
 from models.model_pretrain import ALBEF   # noqa: E402
 from models.tokenization import ALBEFTokenizer   # noqa: E402

@@ -73,7 +73,7 @@ def base(w):
 
 
 GRIT = dict(use_momentum=False, distill=False, itc_consistency_weight=0.2, itm_negative_selection="argmax",
-            mlm_probability=0.5, grit={"queue_size": 48, "search_space": 16})
+            mlm_probability=0.5, grit={"collect_size": 48, "search_space": 16})
 
 
 def presets(w, tmp):

@@ -26,7 +26,7 @@ from dataset.caption_dataset import as_list, re_eval_dataset   # noqa: E402
 from dataset.grit import STATS, order_stats, walk_similarities   # noqa: E402
 from dataset.transforms import test_transform   # noqa: E402
 from engine.config import load_config   # noqa: E402
-from engine.retrieval_eval import encode_images, encode_texts   # noqa: E402
+from tasks.retrieval import encode_images, encode_texts   # noqa: E402
 from models.checkpoint import load_checkpoint   # noqa: E402
 from models.model_pretrain import ALBEF   # noqa: E402
 from models.tokenization import ALBEFTokenizer   # noqa: E402

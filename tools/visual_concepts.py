@@ -141,7 +141,7 @@ class AlbefScorer:
         self.device = device
 
     def words(self, words):
-        from engine.retrieval_eval import encode_texts
+        from tasks.retrieval import encode_texts
         return encode_texts(self.model, self.tokenizer, words, self.device)[2]
 
     @torch.no_grad()

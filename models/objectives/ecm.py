@@ -13,7 +13,7 @@ and silently drops a score equal to a threshold):
 import torch
 import torch.nn.functional as F
 
-from models.objectives import Objective
+from models.objectives.step import Objective
 
 CONNECTION, NEGATIVE, AMBIGUOUS = 0, 1, 2
 
@@ -153,5 +153,7 @@ class ECM(Objective):
         s.itm_pairs = (neg_img, neg_txt, torch.cat([lab_t2i, lab_i2t]), torch.ones(2 * bs, device=dev))
         # MLM also on the new positive pairs (their number sets the MLM batch: the step's one host sync, as MAFA)
         rows = torch.arange(bs, device=dev)
-        s.mlm_pairs = (torch.cat([ecm["n1"][conn_i2t], rows[conn_t2i]]), torch.cat([rows[conn_i2t], ecm["m1"][conn_t2i]]))
+        extra_txt = torch.cat([ecm["n1"][conn_i2t], rows[conn_t2i]])
+        extra_img = torch.cat([rows[conn_i2t], ecm["m1"][conn_t2i]])
+        s.mlm_pairs = (extra_txt, extra_img)
         return {"count_" + k: v for k, v in ecm_counts(ecm).items()}

@@ -24,7 +24,7 @@ def itc_targets(sim_m, positives, alpha):
     return alpha * F.softmax(sim_m.float(), dim=1) + (1 - alpha) * hard
 
 
-def hard_negative_weights(sim, positives):
+def itm_negative_weights(sim, positives):
     """Sampling weights over the batch: softmax of the similarities with positives excluded.
 
     Returns (weights, valid). A row whose every entry is a positive (batch of one, or all captions of the
@@ -39,23 +39,23 @@ def hard_negative_weights(sim, positives):
     return w, valid
 
 
-def sample_hard_negatives(sim, positives, generator=None):
+def sample_itm_negatives(sim, positives, generator=None):
     """One negative index per row, drawn with ALBEF's softmax weights; one multinomial call, no host sync."""
-    w, valid = hard_negative_weights(sim, positives)
+    w, valid = itm_negative_weights(sim, positives)
     idx = torch.multinomial(w, 1, generator=generator).squeeze(1)
     return idx, valid
 
 
-def random_negatives(positives, generator=None):
+def uniform_itm_negatives(positives, generator=None):
     """One negative per row drawn uniformly from the non-positives (no hardness)."""
     valid = (~positives).any(dim=1)
     w = torch.where(valid[:, None], (~positives).float(), torch.ones_like(positives, dtype=torch.float))
     return torch.multinomial(w, 1, generator=generator).squeeze(1), valid
 
 
-def topk_hard_negatives(sim, positives):
+def hardest_itm_negatives(sim, positives):
     """The hardest negative per row (GRIT-VLP's top-1 choice)."""
-    w, valid = hard_negative_weights(sim, positives)
+    w, valid = itm_negative_weights(sim, positives)
     return w.argmax(dim=1), valid
 
 

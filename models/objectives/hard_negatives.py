@@ -20,9 +20,9 @@ are a checkpointed buffer, equal on every rank, not reset each epoch unless ``cm
 import torch
 import torch.nn.functional as F
 
-from models.objectives import Objective
+from models.objectives.step import Objective
 from models.objectives import functional as objectives
-from schema import value
+from schema import hard_negative_losses_on, value
 from utils import all_gather_with_grad, all_reduce_sum, concat_all_gather
 
 HN_TYPES = ("relation", "attribute", "object", "action")
@@ -36,8 +36,7 @@ def gather_valid(valid):
 
 
 def enabled(config):
-    return bool(value(config, "hn_itc")) or float(value(config, "cmr_weight")) > 0 or \
-        float(value(config, "imc_weight")) > 0
+    return hard_negative_losses_on(config)
 
 
 class HardNegativeLosses(torch.nn.Module):

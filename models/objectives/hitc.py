@@ -3,7 +3,7 @@ the last text layers before the final one, through their own projections (``visi
 ``text_proj_hidden``, built with the model's other projections), weighted, added to ``loss_ita``."""
 import torch.nn.functional as F
 
-from models.objectives import Objective
+from models.objectives.step import Objective
 from models.objectives import functional as fn
 from schema import value
 

@@ -8,7 +8,7 @@ of the same image, in the batch or the queue (retrieval, by ``idx``).
 import torch
 
 from models.momentum import dequeue_and_enqueue
-from models.objectives import Objective
+from models.objectives.step import Objective
 from models.objectives import functional as fn
 
 

@@ -3,7 +3,7 @@ per image, drawn from the ITC similarities (``itm_negative_selection``: multinom
 GRIT-VLP, uniform) or chosen before by another objective (MAFA's ECM)."""
 import torch
 
-from models.objectives import Objective
+from models.objectives.step import Objective
 from models.objectives import functional as fn
 
 
@@ -14,9 +14,9 @@ def itm(model, text_embeds, text_atts, image_embeds, sim_i2t, sim_t2i, positives
     with torch.no_grad():
         hard = hard or model.itm_hard
         if hard == "uniform":
-            pick = lambda sim, pos: fn.random_negatives(pos)   # noqa: E731
+            pick = lambda sim, pos: fn.uniform_itm_negatives(pos)   # noqa: E731
         else:
-            pick = fn.sample_hard_negatives if hard == "multinomial" else fn.topk_hard_negatives
+            pick = fn.sample_itm_negatives if hard == "multinomial" else fn.hardest_itm_negatives
         neg_img, valid_t2i = pick(sim_t2i[:, :bs], positives)
         neg_txt, valid_i2t = pick(sim_i2t[:, :bs], positives)
     zeros = torch.zeros(2 * bs, dtype=torch.long, device=text_embeds.device)

@@ -10,7 +10,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from models.objectives import Objective
+from models.objectives.step import Objective
 from schema import value
 
 

@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from models.objectives import Objective
+from models.objectives.step import Objective
 from models.objectives import functional as fn
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.objectives import Objective
+from models.objectives.step import Objective
 from models.objectives import functional as fn
 from schema import value
 from utils import all_gather_with_grad, concat_all_gather, get_rank

@@ -1,6 +1,6 @@
 """Compositional benchmarks: does the model score an image's true caption above its foils?
 
-    python -m engine.compositional --config configs/demo/Pretrain.yaml --checkpoint output/demo/checkpoint_09.pth \
+    python -m tasks.compositional --config configs/demo/Pretrain.yaml --checkpoint output/demo/checkpoint_09.pth \
         --benchmark sugarcrepe --data data/demo/compositional --image_root data/demo --output_dir output/comp
 
 Formats (the benchmarks' own files, read as released):
@@ -26,10 +26,10 @@ import random
 from collections import defaultdict
 
 import torch
-from PIL import Image
 
 from dataset.caption_dataset import load_image
 from dataset.utils import pre_caption
+from schema import value
 
 SUGARCREPE_FAMILIES = {"replace": ("replace_obj", "replace_att", "replace_rel"),
                        "swap": ("swap_obj", "swap_att"), "add": ("add_obj", "add_att")}
@@ -311,7 +311,9 @@ def main(argv=None):
     cases = load_cases(a, tagger)
     if a.clip:
         from models.clip_model import build_clip, clip_scores
-        model, transform, tokenizer, res = build_clip(config, a.checkpoint, device)
+        model, tokenizer = build_clip(config, a.checkpoint, device)
+        res = int(config["image_res"])
+        transform = test_transform(res)
 
         def score_fn(images, texts):
             return clip_scores(model, images, texts, tokenizer, device)
@@ -333,7 +335,7 @@ def main(argv=None):
         transform = test_transform(res)
 
         def score_fn(images, texts):
-            return albef_scores(model, images, texts, tokenizer, device, int(config.get("eval_max_tokens") or 30))
+            return albef_scores(model, images, texts, tokenizer, device, int(value(config, "eval_max_tokens")))
     right, bad = evaluate_cases(cases, score_fn, transform, res, a.batch_size)
     metrics = summarize(a.benchmark, cases, right)
     results = Results(a.output_dir, True, [k for k in next(iter(metrics.values())) if k != "cases"])

@@ -24,14 +24,15 @@ import os
 import torch
 import torch.nn.functional as F
 
-from dataset import TextCollate, create_dataset, shard_loader, tokenize_concepts
-from models.batch import concepts_of
+from dataset import create_dataset, shard_loader
 from dataset.caption_dataset import AnnotationError
+from dataset.collate import Collate, text_collate
 from engine.config import base_parser, parse_launcher
-from engine.splits import check_split, selection_metric, with_texts_cut
-from engine.logger import Results, final_summary
-from engine.trainer import Trainer, autocast_context, build
+from engine.logger import Results
+from engine.splits import check_split, with_texts_cut
+from models.batch import concepts_of, to_device
 from schema import ConfigError, value
+from tasks.finetune import build, finetune
 from utils import all_reduce_sum, save_result
 
 SPLITS = ("val", "testA", "testB")
@@ -128,25 +129,28 @@ def pick_box(cam, dets, height, width):
 
 @torch.no_grad()
 def evaluate(model, dataset, tokenizer, refs, dets, config, device, mode, block_num, result_dir, tag,
-             autocast=None, pictures=0):
-    """Collective. Accuracy (percent) per split as ``val_d`` / ``testA_d`` / ``testB_d`` with counts; every
-    expression scored once under any number of ranks; per-expression results and PNGs in ``result_dir``."""
+             autocast=None, pictures=0, splits=SPLITS):
+    """Collective. Accuracy (percent) per split as ``val_d`` / ``testA_d`` / ``testB_d`` with counts, over the
+    expressions of ``splits``; every expression scored once under any number of ranks; per-expression results
+    and PNGs in ``result_dir``."""
     autocast = autocast or contextlib.nullcontext
     was_training = model.training
     model.eval()
     grid = grid_size(config)
-    loader = shard_loader(dataset, config, grounding_collate(tokenizer, value(config, "vc_max_tokens")))
+    mine = [i for i in range(len(dataset)) if split_of(dataset, refs, i) in splits]
+    loader = shard_loader(dataset, config, Collate(tokenizer, vc_max_tokens=value(config, "vc_max_tokens")),
+                          indices=mine)   # ALBEF: padding='longest'
+
     # per split: correct, expressions, without proposals
     counts = torch.zeros(len(SPLITS), 3, dtype=torch.float64)
     rows, shown, cut = [], [], 0
     for batch in loader:
         cut += batch.get("texts_cut", 0)
-        concepts = concepts_of(batch)
-        if concepts is not None:
-            concepts = tuple(c.to(device) for c in concepts)
+        b = to_device(batch, device)
+        concepts = concepts_of(b)
         with autocast():
-            cams = gradcam(model, batch["image"].to(device), batch["input_ids"].to(device),
-                           batch["attention_mask"].to(device), mode, block_num, grid, concepts).cpu()
+            cams = gradcam(model, b["image"], b["input_ids"], b["attention_mask"], mode, block_num, grid,
+                           concepts).cpu()
         for cam, ref_id, i in zip(cams, batch["ref_id"], batch["idx"].tolist()):
             ref = refs.get(ref_id)
             if ref is None:
@@ -170,6 +174,8 @@ def evaluate(model, dataset, tokenizer, refs, dets, config, device, mode, block_
     model.train(was_training)
     metrics = {}
     for s, name in enumerate(SPLITS):
+        if name not in splits:
+            continue
         correct, total, empty = counts[s].tolist()
         if total == 0:
             print(f"grounding {tag}: no expressions of split {name!r} in test_file")
@@ -180,21 +186,6 @@ def evaluate(model, dataset, tokenizer, refs, dets, config, device, mode, block_
             metrics[f"no_proposals_{name}"] = int(empty)
             print(f"grounding {tag}: {int(empty)} {name} expressions have no proposals in det_file (counted wrong)")
     return with_texts_cut(metrics, cut, "expressions")
-
-
-def grounding_collate(tokenizer, vc_max_tokens=55):
-    """ALBEF's evaluation tokenisation: padding='longest' (ViCHA's concepts too)."""
-    def collate(batch):
-        images, texts, ref_ids, idx, bad = list(zip(*batch))[:5]
-        t = tokenizer(list(texts), padding="longest")
-        out = {"image": torch.stack(images), "input_ids": t["input_ids"], "attention_mask": t["attention_mask"],
-               "ref_id": list(ref_ids), "idx": torch.tensor(idx), "bad": [p for b in bad for p in b],
-               "texts_cut": getattr(t, "texts_cut", 0)}
-        if len(batch[0]) > 5:
-            out["kw_input_ids"], out["kw_attention_mask"] = tokenize_concepts(tokenizer, [b[5] for b in batch],
-                                                                              vc_max_tokens)
-        return out
-    return collate
 
 
 def picture(dataset, i, heat, box, ref, out_dir):
@@ -250,6 +241,12 @@ def baselines(config, seed=0):
     return out
 
 
+def split_of(dataset, refs, i):
+    """The REFER split of test item ``i`` (None when its ref is unknown: reported when it is scored)."""
+    ref = refs.get(int(dataset.ann[i]["ref_id"]))
+    return ref["split"] if ref is not None else SPLITS[0]
+
+
 def splits_present(dataset, refs, config):
     """The RefCOCO+ splits with expressions in ``test_file``, checked at start-up: every ``ref_id`` is in the
     refs, and an empty split is an error (or skipped with ``empty_splits: skip``)."""
@@ -285,33 +282,23 @@ def main():
     present = splits_present(test, refs, config)
     results = Results(args.output_dir, env.main, columns=tuple(f"{s}_d" for s in SPLITS))
     result_dir = os.path.join(args.output_dir, "result")
+    # validation after every epoch selects the weights; testA and testB are evaluated once, with them
+    groups = {"val": ("val",), "test": ("testA", "testB")}
+    splits = [name for name, parts in groups.items() if set(parts) & set(present)]
 
-    def run_eval(m, autocast, tag, **info):
+    def run_eval(m, split, autocast, tag, **info):
         metrics = evaluate(m, test, tokenizer, refs, dets, config, env.device, args.gradcam_mode, args.block_num,
-                           result_dir, tag, autocast, pictures=int(value(config, "grounding_pictures")))
-        return results.add("test", metrics, **info)
+                           result_dir, f"{split}_{tag}", autocast, pictures=int(value(config, "grounding_pictures")),
+                           splits=groups[split])
+        return results.add(split, metrics, **info)
 
-    if args.evaluate:
-        autocast, _ = autocast_context(value(config, "precision"), env.device)
-        model.to(env.device)
-        if present:
-            run_eval(model, autocast, "evaluate", checkpoint=args.checkpoint or "(random init)")
-        return
-    train = create_dataset("grounding_train", config, seed=args.seed)
-    collate = TextCollate(tokenizer, max_length=30, truncation=False,   # ALBEF: longest, untruncated
-                          vc_max_tokens=value(config, "vc_max_tokens"))
+    def train():
+        return create_dataset("grounding_train", config, seed=args.seed), text_collate(
+            tokenizer, max_length=None, truncation=False,   # ALBEF: padding='longest', untruncated
+            vc_max_tokens=value(config, "vc_max_tokens"))
 
-    trainer = Trainer(args, config, env, model, train, collate, batch_size_key="batch_size_train",
-                      select_metric=selection_metric(config, "val_d", "val" in present))
-    if present:
-        trainer.evaluate_fn = lambda m, epoch: {k: v for k, v in run_eval(m, trainer.autocast, f"epoch{epoch}",
-                                                                          epoch=epoch).items()
-                                                if k not in ("split", "epoch")}
-    record = trainer.fit(resume=args.resume)
-    weights = f"epoch {record.get('epoch')}" + (f"; best val_d at epoch {trainer.best['epoch']}: checkpoint_best.pth"
-                                                if trainer.best else "")
-    final_summary(f"grounding ({args.gradcam_mode} Grad-CAM), last epoch", record, tuple(f"{s}_d" for s in SPLITS),
-                  args.output_dir, weights)
+    finetune(args, config, env, model, splits, run_eval, "val_d", f"grounding ({args.gradcam_mode} Grad-CAM)",
+             ("testA_d", "testB_d"), train, prefix="")
 
 
 def contact_sheet(pictures_dir, out, n=12, columns=6):
@@ -329,7 +316,7 @@ def contact_sheet(pictures_dir, out, n=12, columns=6):
     return out
 
 
-if __name__ == "__main__":   # python -m engine.grounding --config configs/demo/Grounding.yaml: the baselines
+if __name__ == "__main__":   # python -m tasks.grounding --config configs/demo/Grounding.yaml: the baselines
     import argparse
     from engine.config import load_config, validate
     p = argparse.ArgumentParser(description="random-proposal and largest-proposal accuracy per split; with "

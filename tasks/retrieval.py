@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from dataset import eval_collate, tokenize_concepts
+from dataset.collate import Collate, tokenize_concepts
 from engine import logger
-from models.xbert import SELF_ATTN_MASK_VALUE
+from models.xbert import PairScorer
 from schema import value
 from utils import all_reduce_sum, get_rank, get_world_size
 
@@ -54,7 +54,7 @@ def encode_images(model, dataset, device, batch_size=64, num_workers=2, tokenize
     states are then zero-padded to the longest batch, padding masked (a prefix of ones per image).
     """
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=eval_collate)
+                        collate_fn=Collate())
     concept_text = getattr(dataset, "concept_text", None)
     if getattr(model, "use_concepts", False) and (concept_text is None or tokenizer is None):
         raise ValueError("kw_img_model: evaluation needs the dataset's concepts ('kwords') and the tokenizer")
@@ -70,122 +70,6 @@ def encode_images(model, dataset, device, batch_size=64, num_workers=2, tokenize
     states = torch.cat([F.pad(h, (0, 0, 0, t - h.shape[1])) for h in states])
     atts = torch.cat([F.pad(a, (0, t - a.shape[1])) for a in atts])
     return states, atts, torch.cat(feats), bad
-
-
-# ---------------------------------------------------------------------------------------------- fast scorer
-def _heads(x, n):
-    b, l, d = x.shape
-    return x.view(b, l, n, d // n).transpose(1, 2)
-
-
-def _merge(x):
-    b, h, l, d = x.shape
-    return x.transpose(1, 2).reshape(b, l, h * d)
-
-
-class PairScorer:
-    """ITM match logits ``itm_head(fuse(text, image))[:, 1]`` for groups of pairs that share one image.
-
-    Text tokens are packed (no padding) except inside the self-attention of the later fusion layers.
-    """
-
-    def __init__(self, model, image_states, text_states, text_atts, chunk=256):
-        self.bert = model.text_bert
-        cfg = self.bert.config
-        self.layers = list(self.bert.encoder.layer[cfg.fusion_layer:])
-        if not self.layers:
-            raise ValueError("bert_config: fusion_layer equals num_hidden_layers; no fusion layer to score with")
-        self.heads = cfg.num_attention_heads
-        self.itm_head = model.itm_head
-        self.images = image_states
-        lengths = self.lengths_np = text_atts.sum(1).cpu().numpy()
-        self.text_start = np.cumsum(lengths) - lengths   # packed row of each caption's [CLS]
-        keep = text_atts.bool().reshape(-1)
-        mask = ((1.0 - text_atts.float()) * SELF_ATTN_MASK_VALUE)[:, None, None, :]
-        first = self.layers[0].attention
-        x0 = torch.cat([first(text_states[s:s + chunk], mask[s:s + chunk].to(text_states.dtype))[0]
-                        for s in range(0, len(text_states), chunk)])
-        # the first fusion layer's self-attention and cross-attention query see only the text: once per caption
-        self.x0 = x0.reshape(-1, x0.shape[-1])[keep]
-        self.q0 = self.layers[0].crossattention.self.query(self.x0)
-
-    def _split(self, x):
-        """[N, D] -> [1, heads, N, dh] for attention against one image."""
-        n, d = x.shape
-        return x.view(1, n, self.heads, d // self.heads).transpose(1, 2)
-
-    @torch.no_grad()
-    def image_kv(self, image_ids):
-        """Cross-attention keys and values of some images, per fusion layer: [(K, V) [U, heads, T, dh]]."""
-        images = self.images[image_ids]
-        return [(_heads(layer.crossattention.self.key(images), self.heads),
-                 _heads(layer.crossattention.self.value(images), self.heads)) for layer in self.layers]
-
-    def pack(self, txt):
-        """Host-side indices of a batch of captions (numpy ids): rows in the packed text states, the packed
-        row of each [CLS], each token's slot in a [P, longest] padded layout, the lengths, the longest."""
-        lengths = self.lengths_np[txt]
-        starts = np.cumsum(lengths) - lengths
-        pos = np.arange(lengths.sum()) - np.repeat(starts, lengths)
-        src = np.repeat(self.text_start[txt], lengths) + pos
-        n = int(lengths.max())
-        slot = np.repeat(np.arange(len(txt)) * n, lengths) + pos
-        return src, starts, slot, lengths, n
-
-    def _pad(self, t, slot, p, n):
-        buf = t.new_zeros(p * n, t.shape[1])
-        buf[slot] = t
-        return buf.view(p, n, -1)
-
-    def _mask(self, lengths, n, dtype):
-        pad = torch.arange(n, device=lengths.device)[None] >= lengths[:, None]
-        return pad.to(dtype) * SELF_ATTN_MASK_VALUE   # [P, n], additive as in BertModel
-
-    def _self_attention(self, att, x, slot, lengths, n):
-        """Self-attention of each caption over its own tokens (padded to ``n`` only here)."""
-        p, d, h = len(lengths), x.shape[1], self.heads
-        split = lambda t: self._pad(t, slot, p, n).view(p, n, h, d // h).transpose(1, 2)   # noqa: E731
-        q, k, v = split(att.self.query(x)), split(att.self.key(x)), split(att.self.value(x))
-        mask = self._mask(lengths, n, q.dtype)[:, None, None, :]
-        ctx = _merge(F.scaled_dot_product_attention(q, k, v, attn_mask=mask)).reshape(-1, d)
-        return att.output(ctx[slot], x)
-
-    def _cls_self_attention(self, att, x, cls, slot, lengths, n):
-        """The last layer's self-attention for the [CLS] query only. Its keys and values are never
-        projected per token: q.(W_k x + b_k) = (W_k^T q).x + const (the constant cancels in the softmax),
-        and sum_j p_j (W_v x_j + b_v) = W_v (sum_j p_j x_j) + b_v. Two projections per pair instead of two
-        per token; the same result up to float rounding."""
-        p, d, h = len(lengths), x.shape[1], self.heads
-        dh = d // h
-        q = att.self.query(x[cls]).view(p, h, dh)
-        wk = att.self.key.weight.view(h, dh, d)
-        wv = att.self.value.weight.view(h, dh, d)
-        qk = torch.einsum("phe,hed->phd", q, wk) / math.sqrt(dh)            # [P, h, D]
-        xp = self._pad(x, slot, p, n)                                        # [P, n, D]
-        scores = qk @ xp.transpose(1, 2) + self._mask(lengths, n, qk.dtype)[:, None, :]
-        z = scores.softmax(-1) @ xp                                          # [P, h, D]
-        ctx = torch.einsum("phd,hed->phe", z, wv).reshape(p, d) + att.self.value.bias
-        return att.output(ctx, x[cls])
-
-    @torch.no_grad()
-    def __call__(self, kv, src, cls, slot, lengths, n):
-        """Scores of the pairs (one image whose per-layer (K, V) is ``kv``, captions packed by ``pack``)."""
-        x, q = self.x0[src], self.q0[src]
-        last = len(self.layers) - 1
-        for li, layer in enumerate(self.layers):
-            if li == last and li > 0:
-                x = self._cls_self_attention(layer.attention, x, cls, slot, lengths, n)
-                q = layer.crossattention.self.query(x)
-            elif li > 0:
-                x = self._self_attention(layer.attention, x, slot, lengths, n)
-                q = layer.crossattention.self.query(x)
-            elif li == last:
-                x, q = x[cls], q[cls]
-            k, v = kv[li]
-            ctx = F.scaled_dot_product_attention(self._split(q), k[None], v[None])   # image tokens: no mask
-            x = layer.crossattention.output(_merge(ctx)[0], x)
-            x = layer.output(layer.intermediate(x), x)
-        return self.itm_head(x)[:, 1].float()
 
 
 def topk_pairs(sims, k):

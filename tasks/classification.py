@@ -14,14 +14,14 @@ from collections import Counter
 import torch
 
 from dataset import create_dataset, shard_loader
-from models.batch import concepts_of
-from dataset.cls_dataset import TASKS, ClsCollate
+from dataset.cls_dataset import TASKS
+from dataset.collate import Collate
 from engine.config import base_parser, parse_launcher
-from dataset.caption_dataset import as_list
-from engine.logger import Results, final_summary
-from engine.splits import check_split, selection_metric, with_texts_cut
-from engine.trainer import Trainer, autocast_context, build
+from engine.logger import Results
+from engine.splits import check_split, with_texts_cut
+from models.batch import concepts_of, to_device
 from schema import ConfigError, value
+from tasks.finetune import build, finetune
 from utils import all_reduce_sum, is_main_process, save_result
 
 
@@ -34,18 +34,16 @@ def predict(model, dataset, tokenizer, config, device, autocast=None):
     model.eval()
     n_cls = len(dataset.task.classes)
     confusion = torch.zeros(n_cls, n_cls, dtype=torch.float64, device=device)
-    loader = shard_loader(dataset, config, ClsCollate(tokenizer, value(config, "vc_max_tokens")))
+    loader = shard_loader(dataset, config, Collate(tokenizer, vc_max_tokens=value(config, "vc_max_tokens")))
     rows, bad, cut = [], 0, 0
     for batch in loader:
         cut += batch.get("texts_cut", 0)
-        concepts = concepts_of(batch)
-        if concepts is not None:
-            concepts = tuple(c.to(device) for c in concepts)
+        b = to_device(batch, device)
+        concepts = concepts_of(b)
         with autocast():
-            logits = model.predict(batch["image"].to(device), batch["input_ids"].to(device),
-                                   batch["attention_mask"].to(device), concepts=concepts)
+            logits = model.predict(b["image"], b["input_ids"], b["attention_mask"], concepts=concepts)
         pred = logits.float().argmax(1)
-        gold = batch["label"].to(device)
+        gold = b["label"]
         confusion.index_put_((gold, pred), torch.ones_like(pred, dtype=confusion.dtype), accumulate=True)
         # one host copy per batch, for the per-example file
         for i, g, p in zip(batch["idx"].tolist(), batch["label"].tolist(), pred.tolist()):
@@ -122,34 +120,15 @@ def main(task, description, default_config, default_output):
         metrics = evaluate(m, splits[split], tokenizer, config, env.device, result_dir, f"{split}_{tag}", autocast)
         return results.add(split, metrics, **info)
 
-    if args.evaluate:
-        autocast, _ = autocast_context(value(config, "precision"), env.device)
-        model.to(env.device)
-        for split in splits:
-            run_eval(model, split, autocast, "evaluate", checkpoint=args.checkpoint or "(random init)")
-        return
-    if config.get("batch_size_train") is None and config.get("batch_size") is None:
-        raise ConfigError("config: missing required key 'batch_size_train' (or ALBEF NLVR's 'batch_size')")
+    def train():
+        if config.get("batch_size_train") is None and config.get("batch_size") is None:
+            raise ConfigError("config: missing required key 'batch_size_train' (or ALBEF NLVR's 'batch_size')")
+        return create_dataset(f"{task}_train", config, seed=args.seed), Collate(tokenizer, vc_max_tokens=value(config, "vc_max_tokens"))
 
-    train = create_dataset(f"{task}_train", config, seed=args.seed)
-    collate = ClsCollate(tokenizer, value(config, "vc_max_tokens"))
-
-    trainer = Trainer(args, config, env, model, train, collate, batch_size_key="batch_size_train",
-                      select_metric=selection_metric(config, "val_accuracy", "val" in splits))
-    if "val" in splits:
-        trainer.evaluate_fn = lambda m, epoch: {
-            f"val_{k}": v for k, v in run_eval(m, "val", trainer.autocast, f"epoch{epoch}", epoch=epoch).items()
-            if k not in ("split", "epoch")}
-    trainer.fit(resume=args.resume)
-    if "test" not in splits:
-        return final_summary(f"{task} finetuning (no test split)", trainer.last_record, (), args.output_dir)
-    info = trainer.load_best()
-    row = run_eval(model, "test", trainer.autocast, "best", **info)
-    final_summary(f"{task}, test split {', '.join(as_list(config['test_file']))}", row, results.COLUMNS,
-                  args.output_dir, info["checkpoint"])
+    finetune(args, config, env, model, list(splits), run_eval, "accuracy", task, results.COLUMNS, train)
 
 
-if __name__ == "__main__":   # python -m engine.classify --task nlvr --config configs/demo/NLVR.yaml
+if __name__ == "__main__":   # python -m tasks.classification --task nlvr --config configs/demo/NLVR.yaml
     import argparse
     from engine.config import load_config, validate
     p = argparse.ArgumentParser(description="majority-class accuracy on test_file (NLVR2 / SNLI-VE configs)")
