@@ -212,3 +212,117 @@ def init_visual_encoder(visual_encoder, path, config_key="vision_init", verbose=
     sd = extract_state_dict(load_file(find_weights(path, config_key), config_key))
     sd = {k: v for k, v in sd.items() if not k.startswith(("head", "fc_norm", "dist_token", "head_dist"))}
     return load_into(visual_encoder, sd, path, config_key=config_key, verbose=verbose)
+
+
+# ---------------------------------------------------------------------------------------------- released files
+# The released checkpoints the launchers load (nothing is downloaded: give the folder they are in). The layout
+# is what ``describe`` reads from a file; the parameters are counted by ``python -m models.checkpoint --manifest``.
+def _r(file, kind, what, config, launcher, params):
+    return {"file": file, "kind": kind, "what": what, "config": config, "launcher": launcher, "parameters": params}
+
+
+# parameters: counted on our models built from the config (on the meta device), momentum copies included where
+# the file has them
+RELEASED = {
+    "albef_14m": _r("ALBEF.pth", "pretrain", "ALBEF pretrained on 14M images (MLM layout, momentum, queues)",
+                    "configs/Pretrain.yaml; finetune with any task config", "Retrieval.py, VQA.py, VE.py, Grounding.py, "
+                    "Pretrain_nlvr.py", "419.9M"),
+    "albef_4m": _r("ALBEF_4M.pth", "pretrain", "ALBEF pretrained on 4M images", "as albef_14m", "as albef_14m", "419.9M"),
+    "albef_coco": _r("mscoco.pth", "retrieval", "ALBEF finetuned for COCO retrieval (384 px, momentum, queues)",
+                     "configs/Retrieval_coco.yaml", "Retrieval.py --evaluate", "419.1M"),
+    "albef_flickr": _r("flickr30k.pth", "retrieval", "ALBEF finetuned for Flickr30K retrieval",
+                       "configs/Retrieval_flickr.yaml", "Retrieval.py --evaluate", "419.1M"),
+    "albef_vqa": _r("vqa.pth", "vqa", "ALBEF finetuned for VQA v2 (answer decoder)",
+                    "configs/VQA.yaml with decoder_distill: false (its era)", "VQA.py --evaluate", "580.7M"),
+    "albef_nlvr_ta": _r("pretrain_model_nlvr.pth", "pretrain_nlvr", "ALBEF after NLVR2 text-assignment pretraining "
+                        "(18 layers, no momentum copies)", "configs/NLVR.yaml", "NLVR.py", "258.9M"),
+    "albef_refcoco": _r("refcoco.pth", "retrieval", "ALBEF finetuned for RefCOCO+ grounding (a bare state dict, no "
+                        "momentum copies)", "configs/Grounding.yaml", "Grounding.py --evaluate", "about 210M"),
+    "vicha_4m": _r("vicha/4m_models/pretrain/checkpoint_last.pth", "pretrain", "ViCHA pretrained on 4M images "
+                   "(H-ITC projections, concept encoder)", "configs/Pretrain_vicha.yaml; finetune with *_vicha.yaml",
+                   "Retrieval.py, VQA.py, NLVR.py, VE.py", "514.6M"),
+    "vicha_1m": _r("vicha/1m_models/pretrain/checkpoint_last.pth", "pretrain", "ViCHA pretrained on 1M images",
+                   "as vicha_4m", "as vicha_4m", "514.6M"),
+    "vicha_4m_coco": _r("vicha/4m_models/coco/checkpoint_best.pth", "retrieval", "ViCHA 4M finetuned for COCO "
+                        "retrieval", "a ViCHA retrieval config (kw_img_model: true)", "Retrieval.py --evaluate", "-"),
+}
+# GRIT-VLP and MAFA released no weights; their runs write the same layouts (pretrain without _m and queues).
+NEEDED = {"retrieval": ("visual_encoder.", "text_encoder.", "vision_proj.", "text_proj.", "itm_head."),
+          "vqa": ("visual_encoder.", "text_encoder.", "text_decoder."),
+          "nlvr": ("visual_encoder.", "text_encoder.", "cls_head."), "ve": ("visual_encoder.", "text_encoder.", "cls_head.")}
+
+
+def find_released(name, dirs=()):
+    """The path of a released checkpoint by its manifest name, under one of ``dirs`` (nothing is downloaded)."""
+    if name not in RELEASED:
+        raise FileNotFoundError(f"checkpoint {name!r} is neither a file nor a released name ({', '.join(RELEASED)})")
+    rel = RELEASED[name]["file"]
+    for d in dirs or (".",):
+        for cand in (os.path.join(d, rel), os.path.join(d, os.path.basename(rel))):
+            if os.path.isfile(cand):
+                return cand
+    raise FileNotFoundError(f"released checkpoint {name!r} ({rel}) is not under {list(dirs) or ['.']}; download it "
+                            "once and name its folder")
+
+
+def describe(path):
+    """What a checkpoint file is, from its keys and shapes: a dict (``--describe`` prints it)."""
+    sd = extract_state_dict(load_file(path))
+    keys = list(sd)
+
+    def layers(prefix):
+        return len({k[len(prefix):].split(".")[0] for k in keys if k.startswith(prefix)})
+    text = "text_encoder.bert.encoder.layer." if any(k.startswith("text_encoder.bert.") for k in keys) \
+        else "text_encoder.encoder.layer."
+    n_text = layers(text)
+    fusion = min((int(k[len(text):].split(".")[0]) for k in keys if k.startswith(text) and ".crossattention." in k),
+                 default=n_text)
+    pos = sd.get("visual_encoder.pos_embed")
+    kind = ("vqa" if any(k.startswith("text_decoder.") for k in keys) else "pretrain_nlvr" if "ta_head.weight" in sd
+            else ("nlvr" if sd["cls_head.2.weight"].shape[0] == 2 else "ve") if "cls_head.2.weight" in sd
+            else "pretrain" if text.startswith("text_encoder.bert") else "retrieval")
+    out = {"file": path, "kind": kind, "tensors": len(keys), "parameters": int(sum(v.numel() for v in sd.values()
+                                                                                   if torch.is_tensor(v))),
+           "vit_blocks": layers("visual_encoder.blocks."), "text_layers": n_text, "fusion_layer": fusion,
+           "image_res": None if pos is None else int(round((pos.shape[1] - 1) ** 0.5)) *
+           int(sd["visual_encoder.patch_embed.proj.weight"].shape[-1]),
+           "momentum_weights": any("_m." in k for k in keys), "queue": "image_queue" in sd,
+           "visual_concepts": any(k.startswith("kw_encoder.") for k in keys),
+           "hidden_alignment": any(k.startswith("vision_proj_hidden.") for k in keys)}
+    # what a load into each task model (after the launcher's key surgery) would miss: new heads are expected
+    mapped = {"retrieval": strip_bert(sd), "vqa": remap_vqa(sd, fusion) if text.startswith("text_encoder.bert")
+              else sd, "nlvr": sd, "ve": strip_bert(sd)}
+    out["a load would miss"] = {task: sorted({p.rstrip(".") for p in need if not any(k.startswith(p) for k in m)})
+                                for task, need in NEEDED.items() for m in [mapped[task]]}
+    return out
+
+
+def to_safetensors(path, out):
+    """Write a checkpoint's state dict as safetensors (tensors only, shared storage cloned): loading it never
+    unpickles anything again."""
+    from safetensors.torch import save_file
+    sd = {k: v.detach().clone().contiguous() for k, v in extract_state_dict(load_file(path)).items() if torch.is_tensor(v)}
+    save_file(sd, out)
+    return out
+
+
+def main(argv=None):
+    import argparse
+    import json
+    p = argparse.ArgumentParser(description="describe or convert ALBEF-family checkpoint files")
+    p.add_argument("--describe", metavar="FILE")
+    p.add_argument("--to-safetensors", nargs=2, metavar=("FILE", "OUT"))
+    p.add_argument("--manifest", action="store_true", help="the released checkpoints by name")
+    a = p.parse_args(argv)
+    if a.describe:
+        print(json.dumps(describe(a.describe), indent=1))
+    if a.to_safetensors:
+        print(to_safetensors(*a.to_safetensors))
+    if a.manifest:
+        for name, r in RELEASED.items():
+            print(f"{name:14s} {r['file']:45s} {r['kind']:13s} {r['parameters']:>11s}  {r['what']}; config: "
+                  f"{r['config']}; launcher: {r['launcher']}")
+
+
+if __name__ == "__main__":
+    main()
