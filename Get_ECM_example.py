@@ -162,6 +162,22 @@ def main():
         with open(os.path.join(a.output_dir, name + ".json"), "w") as f:
             json.dump(obj, f, indent=1)
     print_stats(stats)
+    print_examples(wrt_img, wrt_txt)
+    print(f"examples: {os.path.join(a.output_dir, 'wrt_img_examples.json')} (image-anchored), "
+          f"{os.path.join(a.output_dir, 'wrt_txt_examples.json')} (text-anchored); counts: "
+          f"{os.path.join(a.output_dir, 'stats.json')}")
+
+
+def print_examples(wrt_img, wrt_txt, n=3):
+    """A few connections the filter found: the anchor, its own pair, the partner judged a false negative."""
+    for r in wrt_img[:n]:
+        print(f"image {r['anchor_image']}: its caption {r['original_caption']!r}; connected caption "
+              f"{r['connected_caption']!r} (P(match) {r['score']}"
+              + (f", a true false negative: {r['true_false_negative']})" if r.get('true_false_negative') is not None else ")"))
+    for r in wrt_txt[:n]:
+        print(f"caption {r['anchor_text']!r}: its image {r['original_image']}; connected image {r['connected_image']} "
+              f"(P(match) {r['score']}" + (f", a true false negative: {r['true_false_negative']})"
+                                            if r.get('true_false_negative') is not None else ")"))
 
 
 def print_stats(stats):

@@ -168,6 +168,8 @@ GROUPS = {
         "loss_weights": K("dict", {}, "weights of named losses (loss_ita: 1.0, ...); 1 by default"),
         "print_freq": K("int", 50, "steps between log lines (and bad-image checks)", lo=1),
         "ckpt_every_steps": K("int", 0, "mid-epoch checkpoint interval (0: epoch ends only)", lo=0),
+        "keep_epoch_checkpoints": K("int", 0, "keep only the last N epoch checkpoints (0: every epoch's, ALBEF's "
+                                    "convention); checkpoint_best.pth is always kept", lo=0),
         "ckpt_keep_last": K("int", 2, "mid-epoch checkpoints kept", lo=0),
         "empty_splits": K("str", "error", "an evaluation split with no examples: stop at start-up naming its file, "
                           "or skip it with a warning (no metric written)", choices=("error", "skip")),

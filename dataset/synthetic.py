@@ -369,7 +369,7 @@ def write_vqa(out, by_split, seed, per_image=2):
 
 
 # ------------------------------------------------------------------ NLVR2 and SNLI-VE in ALBEF's formats
-SPLIT_FILE = {"train": "train", "val": "dev", "test": "test"}   # ALBEF's nlvr_/ve_ file names
+SPLIT_FILE = {"train": "train", "val": "val", "test": "test"}   # ALBEF's real files call val "dev"
 NLVR_KINDS = ("left", "right", "both", "more")
 VE_KINDS = ("there", "property")
 VE_LABELS = ("contradiction", "neutral", "entailment")   # ALBEF's class ids 0, 1, 2

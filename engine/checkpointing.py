@@ -138,10 +138,18 @@ def load_rank_state(path, rank):
     return load_file(p, config_key="--resume")
 
 
-def save_checkpoint(state, output_dir, name, keep_last=0):
+def save_checkpoint(state, output_dir, name, keep_last=0, keep_epochs=0):
+    """Write ``name`` atomically and point ``latest`` at it; keep the last ``keep_last`` step checkpoints and,
+    with ``keep_epochs``, the last ``keep_epochs`` epoch checkpoints (0: every one, ALBEF's convention)."""
     path = os.path.join(output_dir, name)
     atomic_save(state, path)
     atomic_write_text(name, os.path.join(output_dir, LATEST))
+    if keep_epochs and re.fullmatch(r"checkpoint_\d+\.pth", name):
+        epochs = sorted(p for p in glob.glob(os.path.join(output_dir, "checkpoint_*.pth"))
+                        if re.search(r"checkpoint_\d+\.pth$", p))
+        for old in epochs[:-keep_epochs]:
+            for f in [old] + glob.glob(old[:-len(".pth")] + ".rank*.pth"):
+                os.remove(f)
     if keep_last and name.startswith("checkpoint_step"):
         steps = sorted(p for p in glob.glob(os.path.join(output_dir, "checkpoint_step*.pth"))
                        if re.search(r"checkpoint_step\d+\.pth$", p))

@@ -178,3 +178,16 @@ def final_summary(what, metrics, columns, output_dir, weights=None):
         with open(latest) as f:
             files.append(f"last checkpoint {f.read().strip()}")
     print(f"      in {output_dir}: {', '.join(files) or 'nothing written'}", flush=True)
+
+
+def note(output_dir, text, echo=True):
+    """A line for ``output_dir/run.log`` (the run's readable history: saves, load reports), and the console."""
+    import time
+    if echo:
+        print(text)
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "run.log"), "a") as f:
+            f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + text.replace("\n", "\n    ") + "\n")
+    except OSError:   # the log is a convenience: a full disk is reported by the checkpoint writes
+        pass

@@ -25,7 +25,7 @@ from engine.components import BadImageError, BadImages, HardnessStats, StepCount
 from dataset.utils import AnnotationError
 from engine.config import dump_config
 from engine.distributed import all_reduce_sum, barrier, init_distributed
-from engine.logger import MetricLogger, Progress, RunLog
+from engine.logger import MetricLogger, Progress, RunLog, note
 from optim import create_optimizer
 from scheduler import create_scheduler
 from schema import ConfigError, value
@@ -143,6 +143,7 @@ class Trainer:
         self.print_freq = int(value(config, "print_freq"))
         self.ckpt_every = int(value(config, "ckpt_every_steps"))
         self.keep_last = int(value(config, "ckpt_keep_last"))
+        self.keep_epochs = int(value(config, "keep_epoch_checkpoints"))
         self.alpha_warm_up = value(config, "alpha_warm_up")
         self.alpha = float(value(config, "alpha"))
         self.max_steps = value(config, "max_steps")
@@ -374,8 +375,9 @@ class Trainer:
                          "sampler": {"seed": self.sampler.seed, "epoch": epoch, "start_batch": next_iter},
                          "best": self.best, "record": record, "eval_due": eval_due, "rank_state": rank_state,
                          "components": {n: c.state_dict() for n, c in self.components.items()}}
-                ckpt_io.save_checkpoint(state, self.output_dir, name, self.keep_last)
-                print(f"saved {path}")
+                ckpt_io.save_checkpoint(state, self.output_dir, name, self.keep_last, self.keep_epochs)
+                # the rotating resume saves only in run.log; the epoch checkpoints (kept) on the console too
+                note(self.output_dir, f"saved {path}", echo=not name.startswith("checkpoint_step"))
         except Exception as e:   # noqa: BLE001
             error = e
         if isinstance(error, OSError) and error.errno is not None:

@@ -112,6 +112,36 @@ class LoadReport:
     unexpected: list = field(default_factory=list)
     interpolated: list = field(default_factory=list)
     momentum_copied: list = field(default_factory=list)
+    present: set = field(default_factory=set)   # the top-level modules the loaded state dict has
+
+    def unexpected_missing(self):
+        """Missing keys of modules the checkpoint has: a real mismatch, unlike a new task head or a
+        momentum copy (``_m``, remade from the loaded weights)."""
+        return [k for k in self.missing if k.split(".")[0] in self.present and not k.split(".")[0].endswith("_m")]
+
+    def grouped(self):
+        """A few lines for the console: the keys grouped by module, what is expected said once."""
+        def groups(keys):
+            count = {}
+            for k in keys:
+                count[k.split(".")[0]] = count.get(k.split(".")[0], 0) + 1
+            return ", ".join(f"{m} ({n})" for m, n in sorted(count.items()))
+        bad = self.unexpected_missing()
+        new = [k for k in self.missing if k not in bad]
+        lines = [f"loaded {self.path}"]
+        if self.interpolated:
+            lines.append(f"  pos_embed interpolated: {', '.join(self.interpolated)}")
+        if new:
+            lines.append(f"  new, as expected for a checkpoint of another task (task heads, momentum copies): "
+                         f"{groups(new)}")
+        if self.momentum_copied:
+            lines.append(f"  momentum copies made from the loaded weights: {', '.join(self.momentum_copied)}")
+        if self.unexpected:
+            lines.append(f"  not used (other tasks' heads, queues, momentum copies): {groups(self.unexpected)}")
+        if bad:
+            lines.append(f"  WARNING: {len(bad)} keys missing from modules the checkpoint has (not expected: the "
+                         f"config may not match it): {groups(bad)}; e.g. {', '.join(sorted(bad)[:3])}")
+        return "\n".join(lines)
 
     def summary(self, limit=12):
         def short(keys):
@@ -149,6 +179,7 @@ def load_into(model, sd, path="<state dict>", strict=False, config_key=None, ver
                          f"checkpoint:\n{lines}")
     report.missing = [k for k in own if k not in sd]
     report.unexpected = [k for k in sd if k not in own]
+    report.present = {k.split(".")[0] for k in sd}
     if strict and (report.missing or report.unexpected):
         raise RuntimeError("strict load failed\n" + report.summary(limit=50))
     model.load_state_dict(sd, strict=False)

@@ -2,7 +2,7 @@
 finetune sequence (``--evaluate`` alone; else train, evaluate val after the epochs and keep the best as
 ``checkpoint_best.pth``, then test once with the selected weights)."""
 from engine import checkpointing as ckpt_io
-from engine.logger import final_summary
+from engine.logger import final_summary, note
 from engine.splits import selection_metric
 from engine.trainer import Trainer, autocast_context, setup
 from schema import value
@@ -22,7 +22,10 @@ def build(args, config, model_cls, remap=None):
         if args.resume:
             print(f"--resume {args.resume}: nothing to resume in {args.output_dir}; starting from --checkpoint "
                   f"{args.checkpoint}")
-        load_checkpoint(model, args.checkpoint, remap=remap)
+        report = load_checkpoint(model, args.checkpoint, remap=remap, verbose=False)
+        if env.main:
+            print(report.grouped() + f"\n  (every key: {args.output_dir}/run.log)")
+            note(args.output_dir, report.summary(limit=100000), echo=False)
     return env, tokenizer, model
 
 

@@ -71,8 +71,9 @@ def evaluator(config, tokenizer, device, output_dir, split="test", autocast=None
                 metrics.update(vqa_score(merged, dataset.ann, value(config, "vqa_always_normalize")))
             with open(os.path.join(result_dir, f"{name}_metrics.json"), "w") as f:
                 json.dump(metrics, f)
+            types = "".join(f", {k[len('accuracy_'):]} {v:.2f}" for k, v in metrics.items() if k.startswith("accuracy_"))
             print(f"{split}: {len(merged)} questions -> {os.path.join(result_dir, name + '.json')}"
-                  + (f"; VQA accuracy {metrics['accuracy']:.2f}" if "accuracy" in metrics else ""))
+                  + (f"; VQA accuracy {metrics['accuracy']:.2f} ({types[2:]})" if "accuracy" in metrics else ""))
         return {f"{split}_{k}": v for k, v in broadcast_object(metrics).items()}
 
     return run

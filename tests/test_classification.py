@@ -263,7 +263,7 @@ def task_config(world, path, task, **extra):
     cfg = json.load(open(write_config(world, path)))
     for k in ("train_file", "batch_size", "queue_size", "mlm_probability", "ckpt_every_steps"):
         cfg.pop(k)
-    names = {"nlvr": ("nlvr_train", "nlvr_dev", "nlvr_test"), "ve": ("ve_train", "ve_dev", "ve_test")}[task]
+    names = {"nlvr": ("nlvr_train", "nlvr_val", "nlvr_test"), "ve": ("ve_train", "ve_val", "ve_test")}[task]
     train, dev, test = (json.load(open(os.path.join(world, n + ".json"))) for n in names)
     cfg.update(train_file=write(path + ".train.json", train[:64]), val_file=write(path + ".dev.json", dev[:21]),
                test_file=write(path + ".test.json", test[:23]),   # neither divisible by 2 ranks
