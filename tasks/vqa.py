@@ -103,14 +103,6 @@ def prior_baselines(config):
             "majority_answer": majority}
 
 
-if __name__ == "__main__":   # python -m tasks.vqa --config configs/demo/VQA.yaml
-    import argparse
-    from engine.config import load_config, validate
-    p = argparse.ArgumentParser(description="blind baselines (majority answer, question prior) on test_file")
-    p.add_argument("--config", required=True)
-    print(json.dumps(prior_baselines(validate(load_config(p.parse_args().config))), indent=1))
-
-
 # ------------------------------------------------------------------ the official VQA accuracy
 _CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
@@ -189,3 +181,11 @@ def vqa_score(results, annotations, always_normalize=False):
            "answered": sum(1 for a in annotations if a["question_id"] in pred)}
     out.update({f"accuracy_{t}": 100 * sum(v) / len(v) for t, v in sorted(by_type.items())})
     return out
+
+
+if __name__ == "__main__":   # python -m tasks.vqa --config configs/demo/VQA.yaml
+    import argparse
+    from engine.config import load_config, validate
+    p = argparse.ArgumentParser(description="blind baselines (majority answer, question prior) on test_file")
+    p.add_argument("--config", required=True)
+    print(json.dumps(prior_baselines(validate(load_config(p.parse_args().config))), indent=1))

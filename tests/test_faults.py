@@ -206,3 +206,33 @@ def test_launch_prints_a_users_error_without_a_traceback(monkeypatch, capsys):
     monkeypatch.setenv("ALBEF_TRACEBACK", "1")
     with pytest.raises(ConfigError):
         launch(main)
+
+
+def test_a_load_report_groups_the_keys_says_what_is_expected_and_flags_the_rest(tiny_world, tmp_path, capsys):
+    """A pretraining checkpoint into a VE model: new heads and momentum copies are expected, one line each;
+    a key missing from a module the checkpoint has stands out."""
+    from conftest import tiny_config
+    from models import MODELS
+    from models.checkpoint import load_checkpoint, strip_bert
+    torch.manual_seed(0)
+    sd = MODELS["pretrain"](tiny_config()).state_dict()
+    torch.save({"model": sd}, tmp_path / "pre.pth")
+    report = load_checkpoint(MODELS["ve"](tiny_config()), str(tmp_path / "pre.pth"), remap=strip_bert, verbose=False)
+    text = report.grouped()
+    assert "new, as expected" in text and "cls_head (4)" in text and "WARNING" not in text
+    del sd["text_encoder.bert.encoder.layer.3.output.dense.weight"]
+    torch.save({"model": sd}, tmp_path / "cut.pth")
+    report = load_checkpoint(MODELS["ve"](tiny_config()), str(tmp_path / "cut.pth"), remap=strip_bert, verbose=False)
+    assert "WARNING: 1 keys missing from modules the checkpoint has" in report.grouped()
+    assert "text_encoder.encoder.layer.3.output.dense.weight" in report.grouped()
+
+
+@pytest.mark.slow
+def test_step_saves_go_to_run_log_and_keep_epoch_checkpoints_keeps_the_last(tiny_world, tmp_path):
+    from test_engine import pretrain_cmd, run, write_config
+    config = write_config(tiny_world, str(tmp_path / "p.yaml"), keep_epoch_checkpoints=1)
+    out = str(tmp_path / "o")
+    r = run(pretrain_cmd(config, out, "--opts", "schedular.epochs=3"))
+    assert "checkpoint_step" not in r.stdout and "checkpoint_02.pth" in r.stdout
+    assert "saved " + os.path.join(out, "checkpoint_step00000003.pth") in open(os.path.join(out, "run.log")).read()
+    assert sorted(f for f in os.listdir(out) if f.startswith("checkpoint_") and "step" not in f) == ["checkpoint_02.pth"]

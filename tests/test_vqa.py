@@ -144,6 +144,9 @@ def test_vqa_py_finetunes_evaluates_and_reevaluates_the_same(tiny_world, tmp_pat
              "--output_dir", out, "--device", "cpu"])
     log = [json.loads(line) for line in open(os.path.join(out, "log.txt"))]
     assert "train_loss_vqa" in log[0] and 0 <= log[0]["test_accuracy"] <= 100 and log[0]["test_questions"] == 47
+    # the readable line gives the accuracy per answer type, as the README quotes it
+    line = next(x for x in r.stdout.splitlines() if "VQA accuracy" in x)
+    assert all(f"{t} {log[0][f'test_accuracy_{t}']:.2f}" in line for t in ("yes/no", "number", "other"))
     first = json.load(open(os.path.join(out, "result", "vqa_result_epoch0.json")))
     assert sorted(x["question_id"] for x in first) == sorted(x["question_id"] for x in
                                                             json.load(open(config + ".test.json")))
@@ -168,3 +171,11 @@ def test_vqa_py_finetunes_evaluates_and_reevaluates_the_same(tiny_world, tmp_pat
     assert len(again) == 47 and sorted(again, key=lambda x: x["question_id"]) == \
         sorted(first, key=lambda x: x["question_id"])
     assert not [f for f in os.listdir(os.path.join(out, "result")) if "_rank" in f]
+
+
+def test_the_blind_baselines_command_runs(tiny_world, tmp_path):
+    config = vqa_config(tiny_world, str(tmp_path / "vqa.yaml"))
+    r = subprocess.run([sys.executable, "-m", "tasks.vqa", "--config", config], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout[r.stdout.find("{"):])
+    assert 0 <= out["majority"]["accuracy"] <= out["question_prior"]["accuracy"] + 100 and out["majority_answer"]
