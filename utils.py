@@ -196,9 +196,10 @@ if CHECKING:
 
 
 # ---------------------------------------------------------------------------------------------- result files
-def save_result(result, result_dir, name, key=None):
+def save_result(result, result_dir, name, key=None, order=None):
     """Each rank writes its part (``name_rankN.json``); rank 0 merges them into ``name.json`` (deduplicated on
-    ``key``, in rank order) and returns the merged list; other ranks return None. Collective."""
+    ``key``, in rank order, or sorted by ``order(item)``) and returns the merged list; other ranks return None.
+    Collective."""
     os.makedirs(result_dir, exist_ok=True)
     part = os.path.join(result_dir, f"{name}_rank{get_rank()}.json")
     _write_json(result, part)
@@ -215,9 +216,16 @@ def save_result(result, result_dir, name, key=None):
                         seen.add(k)
                         merged.append(item)
             os.remove(p)
+        if order is not None:
+            merged.sort(key=order)
         _write_json(merged, os.path.join(result_dir, f"{name}.json"))
     barrier()
     return merged
+
+
+def save_json(result_dir, name, obj):
+    """``result_dir/name.json``, written atomically (main process)."""
+    _write_json(obj, os.path.join(result_dir, f"{name}.json"))
 
 
 def read_partial_jsonl(path):

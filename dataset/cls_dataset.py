@@ -92,9 +92,12 @@ class cls_dataset(ImageTextDataset):
             images, i, bad = self.read_images(index)
         else:
             (images, bad), i = self.read_for_eval(index, self.image_res), index
+        return {"image": images, "bad": bad, **self.fields(i)}
+
+    def fields(self, i):
+        """Item ``i`` without its images (evaluation reads each distinct image once: tasks/image_groups.py)."""
         a = self.ann[i]
-        sample = {"image": images, "caption": pre_caption(a["sentence"], self.max_words), "label": self.targets[i],
-                  "idx": i, "bad": bad}
+        sample = {"caption": pre_caption(a["sentence"], self.max_words), "label": self.targets[i], "idx": i}
         if self.concepts is not None:
             sample["concepts"] = self.concept_strings(a, i)
         return sample

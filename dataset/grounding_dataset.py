@@ -117,9 +117,13 @@ class grounding_dataset(ImageTextDataset):
                       "idx": self.img_ids[a["image"].split("/")[-1]], "bad": bad}
             return self.with_concepts(sample, a, i)
         (image,), bad = self.read_for_eval(index, self.image_res)
+        return {"image": image, "bad": bad, **self.fields(index)}
+
+    def fields(self, index):
+        """A test expression without its image (tasks/image_groups.py reads each image once)."""
         a = self.ann[index]
-        return self.with_concepts({"image": image, "caption": pre_caption(a["text"], self.max_words),
-                                   "ref_id": int(a["ref_id"]), "idx": index, "bad": bad}, a, index)
+        return self.with_concepts({"caption": pre_caption(a["text"], self.max_words), "ref_id": int(a["ref_id"]),
+                                   "idx": index}, a, index)
 
 
 def main(argv=None):

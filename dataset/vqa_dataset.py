@@ -67,9 +67,13 @@ class vqa_dataset(ImageTextDataset):
                       "answers": answers, "weights": weights, "idx": i, "bad": bad}
             return self.with_concepts(sample, self.ann[i], i)
         (image,), bad = self.read_for_eval(index, self.image_res)   # answered anyway, counted
+        return {"image": image, "bad": bad, **self.fields(index)}
+
+    def fields(self, index):
+        """An evaluation question without its image (tasks/image_groups.py reads each image once)."""
         a = self.ann[index]
-        sample = {"image": image, "question": pre_question(a["question"], self.max_ques_words),
-                  "question_id": a["question_id"], "idx": index, "bad": bad}
+        sample = {"question": pre_question(a["question"], self.max_ques_words), "question_id": a["question_id"],
+                  "idx": index}
         return self.with_concepts(sample, a, index)
 
 

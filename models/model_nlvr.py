@@ -1,6 +1,7 @@
 """ALBEF NLVR2 model: two images, each fusion layer doubled, cross-attention keys/values shared per pair."""
 from models.base import ALBEFBase, BertModel
 from models.classifier import DistilledClassifier, cls_head
+from models.xbert import SharedImageKV
 from schema import value
 
 
@@ -31,6 +32,18 @@ class ALBEF(DistilledClassifier, ALBEFBase):
         self.distill = value(config, "distill") is not False
         if self.distill:   # deepcopy keeps the K/V sharing inside the momentum copy
             self.make_momentum("visual_encoder", "text_encoder", "cls_head")
+
+    def predict_grouped(self, image, rows, input_ids, attention_mask, concepts=None):
+        """``predict`` for examples that share image pairs: ``image`` = cat([the U first images, the U second
+        images]) of the distinct pairs, ``rows`` [B] each example's pair; each image and its keys and values
+        are computed once."""
+        embeds = self.image_tokens(image, concepts)
+        atts = self.image_atts(embeds, concepts)
+        u = embeds.shape[0] // 2
+        img0, img1 = SharedImageKV(embeds[:u])[rows], SharedImageKV(embeds[u:])[rows]
+        out = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=[img0, img1],
+                                encoder_attention_mask=[atts[:u][rows], atts[u:][rows]])
+        return self.cls_head(out.last_hidden_state[:, 0])
 
     def predict(self, image, input_ids, attention_mask, momentum=False, concepts=None):
         """``concepts``: ViCHA's per-image concepts, ordered as ``image`` (kwords1 rows, then kwords2 rows)."""

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from models.base import ALBEFBase, BertLMHeadModel, BertModel
 from models.batch import concepts_of
+from models.xbert import SharedImageKV
 from schema import value
 
 
@@ -33,15 +34,20 @@ class ALBEF(ALBEFBase):
         if self.distill:
             self.make_momentum("visual_encoder", "text_encoder", "text_decoder")
 
-    def encode_question(self, image, q_ids, q_mask, momentum=False, concepts=None):
+    def encode_question(self, image, q_ids, q_mask, momentum=False, concepts=None, rows=None):
+        """The questions' fused states; with ``rows``, ``image`` holds each distinct image once and ``rows`` [B]
+        each question's (its tokens and each fusion layer's keys and values computed once)."""
         bert = self.text_encoder_m if momentum else self.text_encoder
         image_embeds = self.image_tokens(image, concepts, momentum)
+        atts = self.image_atts(image_embeds, concepts)
+        if rows is not None:
+            image_embeds, atts = SharedImageKV(image_embeds)[rows], atts[rows]
         return bert(input_ids=q_ids, attention_mask=q_mask, encoder_hidden_states=image_embeds,
-                    encoder_attention_mask=self.image_atts(image_embeds, concepts)).last_hidden_state
+                    encoder_attention_mask=atts).last_hidden_state
 
     @torch.no_grad()
-    def answer(self, image, q_ids, q_mask, a_ids, a_mask, k, concepts=None):
-        states = self.encode_question(image, q_ids, q_mask, concepts=concepts)
+    def answer(self, image, q_ids, q_mask, a_ids, a_mask, k, concepts=None, rows=None):
+        states = self.encode_question(image, q_ids, q_mask, concepts=concepts, rows=rows)
         return self.rank_answer(states, q_mask, a_ids, a_mask, k)
 
     def forward(self, batch, alpha=0.0):
@@ -80,11 +86,14 @@ class ALBEF(ALBEFBase):
         topk_probs, topk_ids = prob_first.topk(k, dim=1)
         ids = answer_ids.index_select(0, topk_ids.view(-1))
         atts = answer_atts.index_select(0, topk_ids.view(-1))
+        # the candidates' common padding is never read (masked keys, -100 labels): cut it (one host sync)
+        n = int(atts.sum(1).max())
+        ids, atts = ids[:, :n], atts[:, :n]
         targets = ids.masked_fill(ids == self.pad_token_id, -100)
-        out = self.text_decoder(ids, attention_mask=atts,
-                                encoder_hidden_states=question_states.repeat_interleave(k, dim=0),
-                                encoder_attention_mask=question_atts.repeat_interleave(k, dim=0),
-                                labels=targets, reduction="none")
+        # each question's states projected to keys and values once for its k candidates
+        rows = torch.arange(nq, device=ids.device).repeat_interleave(k)
+        out = self.text_decoder(ids, attention_mask=atts, encoder_hidden_states=SharedImageKV(question_states)[rows],
+                                encoder_attention_mask=question_atts[rows], labels=targets, reduction="none")
         log_probs = -out.loss.view(nq, k)
         if self.rank_double_count:
             log_probs = log_probs + topk_probs.log()

@@ -158,15 +158,19 @@ class VLModel:
 
     @torch.no_grad()
     def itm_scores(self, images, texts, batch_size=32):
-        """The ITM head's match logit of each (image i, text i) pair: ALBEF's re-ranking score."""
+        """The ITM head's match logit of each (image i, text i) pair: ALBEF's re-ranking score. A repeated image
+        (the same path or object) is read and encoded once, its keys and values shared by its pairs."""
+        from models.xbert import SharedImageKV
         if len(images) != len(texts):
             raise ValueError(f"itm_scores pairs images with texts: {len(images)} images, {len(texts)} texts")
         out = []
         for s in range(0, len(images), batch_size):
-            _, img = self.encode_image(images[s:s + batch_size], states=True)
+            distinct, rows = distinct_images(images[s:s + batch_size])
+            _, img = self.encode_image(distinct, states=True)
             _, txt, atts = self.encode_text(texts[s:s + batch_size], states=True)
             with self.autocast():
-                out.append(self.model.itm_head(self.model.fuse(txt, atts, img))[:, 1].float())
+                rows = rows.to(self.device)
+                out.append(self.model.itm_head(self.model.fuse(txt, atts, SharedImageKV(img)[rows]))[:, 1].float())
         return torch.cat(out)
 
     @torch.no_grad()
@@ -228,11 +232,25 @@ class VLModel:
         out = []
         for s in range(0, len(images), batch_size):
             q = self.tokenizer([pre_question(x, 50) for x in questions[s:s + batch_size]], padding="longest")
+            distinct, rows = distinct_images(images[s:s + batch_size])
             with self.autocast():
-                ids, probs = self.model.answer(self.images(images[s:s + batch_size]), q["input_ids"].to(self.device),
-                                               q["attention_mask"].to(self.device), a_ids, a_mask, k)
+                ids, probs = self.model.answer(self.images(distinct), q["input_ids"].to(self.device),
+                                               q["attention_mask"].to(self.device), a_ids, a_mask, k,
+                                               rows=rows.to(self.device))
             out += [(answer_list[i], float(p)) for i, p in zip(ids[:, 0].tolist(), probs[:, 0].tolist())]
         return out
+
+
+def distinct_images(images):
+    """(each distinct image once, in first-seen order; the position of each input among them)."""
+    first, distinct, rows = {}, [], []
+    for im in images:
+        key = im if isinstance(im, str) else id(im)
+        if key not in first:
+            first[key] = len(distinct)
+            distinct.append(im)
+        rows.append(first[key])
+    return distinct, torch.tensor(rows, dtype=torch.long)
 
 
 # ---- CLIP_benchmark

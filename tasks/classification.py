@@ -13,7 +13,7 @@ from collections import Counter
 
 import torch
 
-from dataset import create_dataset, shard_loader
+from dataset import create_dataset, eval_batch_size
 from dataset.cls_dataset import TASKS
 from dataset.collate import Collate
 from engine.config import base_parser, parse_launcher
@@ -22,6 +22,7 @@ from engine.splits import check_split, with_texts_cut
 from models.batch import concepts_of, to_device
 from schema import ConfigError, value
 from tasks.finetune import build, finetune
+from tasks.image_groups import group_loader
 from utils import all_reduce_sum, is_main_process, save_result
 
 
@@ -34,14 +35,16 @@ def predict(model, dataset, tokenizer, config, device, autocast=None):
     model.eval()
     n_cls = len(dataset.task.classes)
     confusion = torch.zeros(n_cls, n_cls, dtype=torch.float64, device=device)
-    loader = shard_loader(dataset, config, Collate(tokenizer, vc_max_tokens=value(config, "vc_max_tokens")))
+    loader = group_loader(dataset, Collate(tokenizer, vc_max_tokens=value(config, "vc_max_tokens")),
+                          eval_batch_size(config), int(value(config, "num_workers")))
     rows, bad, cut = [], 0, 0
     for batch in loader:
         cut += batch.get("texts_cut", 0)
         b = to_device(batch, device)
         concepts = concepts_of(b)
         with autocast():
-            logits = model.predict(b["image"], b["input_ids"], b["attention_mask"], concepts=concepts)
+            logits = model.predict_grouped(b["image"], b["rows"], b["input_ids"], b["attention_mask"],
+                                           concepts=concepts)
         pred = logits.float().argmax(1)
         gold = b["label"]
         confusion.index_put_((gold, pred), torch.ones_like(pred, dtype=confusion.dtype), accumulate=True)
@@ -72,7 +75,7 @@ def evaluate(model, dataset, tokenizer, config, device, result_dir, tag, autocas
     rows, confusion, bad, cut = predict(model, dataset, tokenizer, config, device, autocast)
     confusion = all_reduce_sum(confusion)
     bad, cut = (int(x) for x in all_reduce_sum(torch.tensor([bad, cut], dtype=torch.float64)).tolist())
-    merged = save_result(rows, result_dir, f"{dataset.task.name}_{tag}", key="index")
+    merged = save_result(rows, result_dir, f"{dataset.task.name}_{tag}", key="index", order=lambda r: r["index"])
     metrics = metrics_from(confusion, dataset.task.classes)
     if bad:
         metrics["unreadable_images"] = bad

@@ -24,7 +24,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from dataset import create_dataset, shard_loader
+from dataset import create_dataset, eval_batch_size
 from dataset.caption_dataset import AnnotationError
 from dataset.collate import Collate, text_collate
 from engine.config import base_parser, parse_launcher
@@ -32,8 +32,10 @@ from engine.logger import Results
 from engine.splits import check_split, with_texts_cut
 from models.batch import concepts_of, to_device
 from schema import ConfigError, value
+from models.xbert import SharedImageKV
 from tasks.finetune import build, finetune
-from utils import all_reduce_sum, save_result
+from tasks.image_groups import group_loader
+from utils import all_reduce_sum, save_json, save_result
 
 SPLITS = ("val", "testA", "testB")
 
@@ -43,16 +45,21 @@ def grid_size(config):
     return int(value(config, "image_res")) // int(value(config, "patch_size"))
 
 
-def gradcam_itm(model, image, input_ids, attention_mask, block_num, grid, concepts=None):
-    """[B, grid, grid] maps from the ITM head through text layer ``block_num``'s cross-attention."""
+def gradcam_itm(model, image, input_ids, attention_mask, block_num, grid, concepts=None, rows=None):
+    """[B, grid, grid] maps from the ITM head through text layer ``block_num``'s cross-attention. With
+    ``rows``, ``image`` holds each distinct image once: its ViT pass and keys and values are shared by its
+    expressions (the map's gradient is taken at the attention probabilities, one row per expression)."""
     attn = model.text_bert.encoder.layer[block_num].crossattention.self
+    with torch.no_grad():
+        image_embeds = model.image_tokens(image, concepts)
+        atts = model.image_atts(image_embeds, concepts)
+    if rows is not None:
+        image_embeds, atts = SharedImageKV(image_embeds)[rows], atts[rows]
     attn.save_attention = True
     try:
         with torch.enable_grad():
-            image_embeds = model.image_tokens(image, concepts)
             out = model.text_bert(input_ids=input_ids, attention_mask=attention_mask,
-                                  encoder_hidden_states=image_embeds,
-                                  encoder_attention_mask=model.image_atts(image_embeds, concepts))
+                                  encoder_hidden_states=image_embeds, encoder_attention_mask=atts)
             score = model.itm_head(out.last_hidden_state[:, 0])[:, 1]
             probs = attn.get_attention_map()
             grad, = torch.autograd.grad(score.sum(), probs)
@@ -85,10 +92,14 @@ def gradcam_itc(model, image, input_ids, attention_mask, block_num, grid, concep
     return (cam * grad).mean(1).detach().float()
 
 
-def gradcam(model, image, input_ids, attention_mask, mode, block_num, grid, concepts=None):
-    """ViCHA's ``concepts`` join the image tokens; the maps keep the patch columns only."""
+def gradcam(model, image, input_ids, attention_mask, mode, block_num, grid, concepts=None, rows=None):
+    """ViCHA's ``concepts`` join the image tokens; the maps keep the patch columns only. ``rows``: see
+    ``gradcam_itm``; an ITC map goes back through the ViT, so each expression keeps its own ViT pass there."""
     if mode == "itm":
-        return gradcam_itm(model, image, input_ids, attention_mask, block_num, grid, concepts)
+        return gradcam_itm(model, image, input_ids, attention_mask, block_num, grid, concepts, rows)
+    if rows is not None:
+        image = image[rows]
+        concepts = None if concepts is None else tuple(c[rows] for c in concepts)
     if mode == "itc":
         return gradcam_itc(model, image, input_ids, attention_mask, block_num, grid, concepts)
     raise ValueError(f"--gradcam_mode must be itm or itc, got {mode!r}")
@@ -138,8 +149,8 @@ def evaluate(model, dataset, tokenizer, refs, dets, config, device, mode, block_
     model.eval()
     grid = grid_size(config)
     mine = [i for i in range(len(dataset)) if split_of(dataset, refs, i) in splits]
-    loader = shard_loader(dataset, config, Collate(tokenizer, vc_max_tokens=value(config, "vc_max_tokens")),
-                          indices=mine)   # ALBEF: padding='longest'
+    loader = group_loader(dataset, Collate(tokenizer, vc_max_tokens=value(config, "vc_max_tokens")),   # ALBEF: longest
+                          eval_batch_size(config), int(value(config, "num_workers")), indices=mine)
 
     # per split: correct, expressions, without proposals
     counts = torch.zeros(len(SPLITS), 3, dtype=torch.float64)
@@ -150,7 +161,7 @@ def evaluate(model, dataset, tokenizer, refs, dets, config, device, mode, block_
         concepts = concepts_of(b)
         with autocast():
             cams = gradcam(model, b["image"], b["input_ids"], b["attention_mask"], mode, block_num, grid,
-                           concepts).cpu()
+                           concepts, rows=b["rows"]).cpu()
         for cam, ref_id, i in zip(cams, batch["ref_id"], batch["idx"].tolist()):
             ref = refs.get(ref_id)
             if ref is None:
@@ -163,12 +174,14 @@ def evaluate(model, dataset, tokenizer, refs, dets, config, device, mode, block_
             correct = box is not None and iou_inclusive(box, ref["box"]) >= 0.5
             counts[s] += torch.tensor([float(correct), 1.0, float(box is None)], dtype=torch.float64)
             rows.append({"ref_id": ref_id, "split": ref["split"], "pred_box": box, "gt_box": ref["box"],
-                         "correct": bool(correct)})
-            if len(shown) < pictures:
-                shown.append((i, heat, box, ref))
+                         "correct": bool(correct), "_index": i})
+            if pictures:   # this rank's first expressions in the split's order (groups come image by image)
+                shown = sorted(shown + [(i, heat, box, ref)], key=lambda x: x[0])[:pictures]
     counts = all_reduce_sum(counts)
     cut = int(all_reduce_sum(torch.tensor([cut], dtype=torch.float64)).item())
-    save_result(rows, result_dir, f"grounding_{tag}", key="ref_id")
+    merged = save_result(rows, result_dir, f"grounding_{tag}", key="ref_id", order=lambda r: r["_index"])
+    if merged is not None:   # the file keeps its form: the split's order, no helper field
+        save_json(result_dir, f"grounding_{tag}", [{k: v for k, v in r.items() if k != "_index"} for r in merged])
     for i, heat, box, ref in shown:
         picture(dataset, i, heat, box, ref, os.path.join(result_dir, f"pictures_{tag}"))
     model.train(was_training)

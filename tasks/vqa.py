@@ -8,12 +8,13 @@ import re
 
 import torch
 
-from dataset import shard_loader
+from dataset import eval_batch_size
 from models.batch import concepts_of, to_device
 from dataset.collate import vqa_collate
 from dataset.vqa_dataset import read_answer_list
 from engine.splits import check_split, with_texts_cut
 from schema import value
+from tasks.image_groups import group_loader
 from utils import all_reduce_sum, broadcast_object, is_main_process, save_result
 
 
@@ -30,8 +31,8 @@ def predict(model, dataset, answer_list, tokenizer, config, device, autocast=Non
     was_training = model.training
     model.eval()
     a_ids, a_mask = tokenize_answer_list(answer_list, tokenizer, value(config, "eos"), device)
-    loader = shard_loader(dataset, config, vqa_collate(tokenizer, train=False,
-                                                      vc_max_tokens=value(config, "vc_max_tokens")))
+    loader = group_loader(dataset, vqa_collate(tokenizer, train=False, vc_max_tokens=value(config, "vc_max_tokens")),
+                          eval_batch_size(config), int(value(config, "num_workers")))
     results, bad, cut = [], 0, 0
     k = int(value(config, "k_test"))
     for batch in loader:
@@ -40,7 +41,7 @@ def predict(model, dataset, answer_list, tokenizer, config, device, autocast=Non
         concepts = concepts_of(b)
         with autocast():
             ids, _ = model.answer(b["image"], b["question_ids"], b["question_mask"], a_ids, a_mask, k,
-                                  concepts=concepts)
+                                  concepts=concepts, rows=b["rows"])
         for qid, p in zip(batch["question_id"], ids[:, 0].tolist()):   # re-ranked: the best comes first
             results.append({"question_id": qid, "answer": answer_list[p]})
         bad += len(batch["bad"])
@@ -63,7 +64,8 @@ def evaluator(config, tokenizer, device, output_dir, split="test", autocast=None
         results, bad, cut = predict(model, dataset, answer_list, tokenizer, config, device, autocast)
         bad, cut = (int(x) for x in all_reduce_sum(torch.tensor([bad, cut], dtype=torch.float64)).tolist())
         name = f"vqa_result_{tag}" if split == "test" else f"vqa_{split}_result_{tag}"
-        merged = save_result(results, result_dir, name, key="question_id")
+        position = {a["question_id"]: i for i, a in enumerate(dataset.ann)}   # the split's order
+        merged = save_result(results, result_dir, name, key="question_id", order=lambda r: position[r["question_id"]])
         metrics = {}
         if is_main_process():
             metrics = with_texts_cut({"questions": len(merged), "unreadable_images": bad}, cut, "questions")
