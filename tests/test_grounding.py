@@ -176,7 +176,7 @@ def test_grounding_py_trains_selects_and_evaluates_the_same_under_two_ranks(tiny
     assert log[-1]["best_epoch"] == best and test["checkpoint"] == "checkpoint_best.pth (selected on val_d)"
     assert load(os.path.join(out, "checkpoint_best.pth"))["best"]["metric"] == "val_d"
     table = open(os.path.join(out, "results.md")).read().splitlines()
-    assert table[-1].startswith("| test |  | checkpoint_best.pth (selected on val_d) |")
+    assert table[-1].startswith(f"| test | {best} | checkpoint_best.pth (selected on val_d) |")
     assert [t.split("|")[1].strip() for t in table[2:]] == ["val", "val", "test"]   # validation never "test"
     assert len(json.load(open(os.path.join(out, "result", "grounding_val_epoch1.json")))) == 13
     res = json.load(open(os.path.join(out, "result", "grounding_test_best.json")))
