@@ -26,6 +26,7 @@ from dataset.utils import AnnotationError
 from engine.config import dump_config
 from engine.distributed import all_reduce_sum, barrier, init_distributed
 from engine.logger import MetricLogger, Progress, RunLog, note
+from models.batch import to_device
 from optim import create_optimizer
 from scheduler import create_scheduler
 from schema import ConfigError, value
@@ -317,7 +318,7 @@ class Trainer:
         # a 0-d tensor, not a float: a compiled step would take a float as a constant (one graph per value), and
         # eager and compiled runs then take the same branches (the teacher runs at alpha 0 too)
         alpha = torch.tensor(alpha, dtype=torch.float32)
-        batch = {k: (v.to(self.env.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        batch = to_device(batch, self.env.device)
         if batch.get("image") is not None and batch["image"].dtype == torch.uint8:   # uint8_images
             batch["image"] = normalize_uint8(batch["image"])
         boundary = (i + 1) % self.accum == 0 or i == self.n_iters - 1

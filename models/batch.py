@@ -7,6 +7,7 @@ positives); ``label`` (class targets); VQA's ``question_ids`` / ``question_mask`
 negatives ``hn_input_ids`` / ``hn_attention_mask`` ([4B, L], sample-major) and ``hn_valid`` ([B, 4]). Fields
 the model does not read (``bad``, ``n``, ...) are the engine's.
 """
+import torch
 
 
 def concepts_of(batch):
@@ -35,4 +36,4 @@ def as_batch(image, text=None, idx=None, concepts=None, hard_negatives=None, tar
 
 def to_device(batch, device):
     """The batch with its tensors on ``device`` (other fields as they are)."""
-    return {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -283,6 +283,20 @@ NEEDED = {"retrieval": ("visual_encoder.", "text_encoder.", "vision_proj.", "tex
           "nlvr": ("visual_encoder.", "text_encoder.", "cls_head."), "ve": ("visual_encoder.", "text_encoder.", "cls_head.")}
 
 
+def checkpoint_kind(sd):
+    """What a state dict is, from its keys: pretrain, retrieval (also grounding and MAFA's filter), vqa, nlvr,
+    ve or pretrain_nlvr."""
+    if any(k.startswith("text_decoder.") for k in sd):
+        return "vqa"
+    if "ta_head.weight" in sd:
+        return "pretrain_nlvr"
+    if "cls_head.2.weight" in sd:
+        return "nlvr" if sd["cls_head.2.weight"].shape[0] == 2 else "ve"
+    if any(k.startswith("text_encoder.bert.") for k in sd):
+        return "pretrain"
+    return "retrieval"
+
+
 def find_released(name, dirs=()):
     """The path of a released checkpoint by its manifest name, under one of ``dirs`` (nothing is downloaded)."""
     if name not in RELEASED:
@@ -309,9 +323,7 @@ def describe(path):
     fusion = min((int(k[len(text):].split(".")[0]) for k in keys if k.startswith(text) and ".crossattention." in k),
                  default=n_text)
     pos = sd.get("visual_encoder.pos_embed")
-    kind = ("vqa" if any(k.startswith("text_decoder.") for k in keys) else "pretrain_nlvr" if "ta_head.weight" in sd
-            else ("nlvr" if sd["cls_head.2.weight"].shape[0] == 2 else "ve") if "cls_head.2.weight" in sd
-            else "pretrain" if text.startswith("text_encoder.bert") else "retrieval")
+    kind = checkpoint_kind(sd)
     out = {"file": path, "kind": kind, "tensors": len(keys), "parameters": int(sum(v.numel() for v in sd.values()
                                                                                    if torch.is_tensor(v))),
            "vit_blocks": layers("visual_encoder.blocks."), "text_layers": n_text, "fusion_layer": fusion,

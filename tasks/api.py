@@ -37,20 +37,6 @@ class ImageError(ValueError):
     """An image that cannot be read; the message names the file."""
 
 
-def checkpoint_kind(sd):
-    """What a state dict is, from its keys: pretrain, retrieval (also grounding and MAFA's filter), vqa, nlvr,
-    ve or pretrain_nlvr."""
-    if any(k.startswith("text_decoder.") for k in sd):
-        return "vqa"
-    if "ta_head.weight" in sd:
-        return "pretrain_nlvr"
-    if "cls_head.2.weight" in sd:
-        return "nlvr" if sd["cls_head.2.weight"].shape[0] == 2 else "ve"
-    if any(k.startswith("text_encoder.bert.") for k in sd):
-        return "pretrain"
-    return "retrieval"
-
-
 def file_hash(path, chunk=1 << 22):
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -63,7 +49,8 @@ def load_model(config, checkpoint, device=None, checkpoint_dirs=()):
     """A ``VLModel`` from a config (path or dict) and a checkpoint (path, or a name of ``models.checkpoint``'s
     manifest found under ``checkpoint_dirs``); ``device`` defaults to CUDA when available."""
     from models import MODELS
-    from models.checkpoint import extract_state_dict, find_released, load_file, load_into, remap_vqa, strip_bert
+    from models.checkpoint import (NEEDED, checkpoint_kind, extract_state_dict, find_released, load_file, load_into,
+                                   remap_vqa, strip_bert)
     from models.tokenization import ALBEFTokenizer
     cfg = validate(dict(load_config(config)) if isinstance(config, str) else dict(config))
     if checkpoint and not os.path.isfile(checkpoint):
@@ -75,11 +62,11 @@ def load_model(config, checkpoint, device=None, checkpoint_dirs=()):
     tokenizer = ALBEFTokenizer(cfg.get("tokenizer") or cfg.get("text_encoder") or "")
     if kind in ("pretrain", "retrieval"):
         net, sd = MODELS["retrieval"](cfg_model, tokenizer), strip_bert(sd) if kind == "pretrain" else sd
-        needed = ("visual_encoder.", "text_encoder.", "vision_proj.", "text_proj.", "itm_head.")
+        needed = NEEDED["retrieval"]
     elif kind == "vqa":
         from models.base import bert_config_from
         net = MODELS["vqa"](cfg_model, tokenizer)
-        needed = ("visual_encoder.", "text_encoder.", "text_decoder.")
+        needed = NEEDED["vqa"]
     else:
         raise ValueError(f"checkpoint {checkpoint!r} is a {kind} checkpoint: evaluate it with "
                          f"{'NLVR.py' if kind in ('nlvr', 'pretrain_nlvr') else 'VE.py'} --evaluate")
@@ -174,14 +161,19 @@ class VLModel:
         return torch.cat(out)
 
     @torch.no_grad()
-    def classify(self, images, class_names, templates=TEMPLATES, rerank=0):
-        """Zero-shot class probabilities [N, C]: each class's text feature is the normalised mean of its
-        prompts' (OpenCLIP's recipe), scored by ITC with the model's temperature; ``rerank`` k re-scores each
-        image's top k classes by ITM on the first template (their probabilities renormalised among them)."""
+    def class_features(self, class_names, templates=TEMPLATES):
+        """[C, embed_dim]: each class's prompts encoded, averaged and normalised (OpenCLIP's recipe)."""
         if not class_names:
             raise ValueError("classify needs at least one class name")
         per = [self.encode_text([t.format(c) for t in templates]) for c in class_names]
-        classes = F.normalize(torch.stack([p.mean(0) for p in per]), dim=-1)
+        return F.normalize(torch.stack([p.mean(0) for p in per]), dim=-1)
+
+    @torch.no_grad()
+    def classify(self, images, class_names, templates=TEMPLATES, rerank=0, classes=None):
+        """Zero-shot class probabilities [N, C]: each class's text feature is the normalised mean of its
+        prompts' (OpenCLIP's recipe), scored by ITC with the model's temperature; ``rerank`` k re-scores each
+        image's top k classes by ITM on the first template (their probabilities renormalised among them)."""
+        classes = self.class_features(class_names, templates) if classes is None else classes   # reusable
         feats = self.encode_image(images)
         probs = (feats @ classes.t() / self.model.temp.float()).softmax(-1)
         if rerank:

@@ -203,10 +203,6 @@ def evaluate(model, dataset, tokenizer, refs, dets, config, device, mode, block_
 
 def picture(dataset, i, heat, box, ref, out_dir):
     """A PNG: the image, the Grad-CAM heat map over it, the gold box (green) and the chosen one (red)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
     from dataset.caption_dataset import load_image
     os.makedirs(out_dir, exist_ok=True)
     a = dataset.ann[i]
@@ -214,17 +210,27 @@ def picture(dataset, i, heat, box, ref, out_dir):
         img = load_image(dataset.image_path(i)).resize((int(ref["width"]), int(ref["height"])))
     except Exception:   # noqa: BLE001 - a picture is not worth a crash
         return None
+    return draw(img, heat, a["text"], os.path.join(out_dir, f"{i:05d}_ref{a['ref_id']}.png"), gold=ref["box"],
+                chosen=box)
+
+
+def draw(img, heat, title, path, gold=None, chosen=None):
+    """The image with the heat map (upsampled to its size) over it, the gold box (green, solid) and the chosen
+    one (red, dashed), saved as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
     fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
     ax.imshow(img)
     h = heat.numpy()
     ax.imshow((h - h.min()) / max(h.max() - h.min(), 1e-12), cmap="jet", alpha=0.45)
-    for b, color, style in ((ref["box"], "lime", "-"), (box, "red", "--")):   # gold solid, chosen dashed
+    for b, color, style in ((gold, "lime", "-"), (chosen, "red", "--")):
         if b is not None:
             ax.add_patch(Rectangle((b[0], b[1]), b[2], b[3], fill=False, edgecolor=color, linewidth=2,
                                    linestyle=style))
-    ax.set_title(a["text"][:60], fontsize=9)
+    ax.set_title(title[:60], fontsize=9)
     ax.axis("off")
-    path = os.path.join(out_dir, f"{i:05d}_ref{a['ref_id']}.png")
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path

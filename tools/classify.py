@@ -42,18 +42,21 @@ def main(argv=None):
         if not files:
             raise ValueError(f"--images: no image files under {a.images!r}")
         model = load_model(a.config, a.checkpoint, a.device)
+        classes = model.class_features(names)   # once, for every batch
         rows, skipped = [], []
         for s in range(0, len(files), a.batch_size):
-            batch = files[s:s + a.batch_size]
-            readable = []
-            for f in batch:
-                try:
-                    model.images([f])
-                    readable.append(f)
-                except ImageError as e:
-                    skipped.append(str(e))
+            readable = files[s:s + a.batch_size]
+            try:
+                probs = model.classify(readable, names, rerank=a.rerank, classes=classes).cpu()
+            except ImageError:   # an unreadable file in the batch: classify its images one by one
+                readable, probs = [], []
+                for f in files[s:s + a.batch_size]:
+                    try:
+                        probs.append(model.classify([f], names, rerank=a.rerank, classes=classes).cpu()[0])
+                        readable.append(f)
+                    except ImageError as e:
+                        skipped.append(str(e))
             if readable:
-                probs = model.classify(readable, names, rerank=a.rerank).cpu()
                 for f, pr in zip(readable, probs):
                     top = int(pr.argmax())
                     rows.append({"image": f, "prediction": names[top], "score": f"{float(pr[top]):.4f}",

@@ -6,26 +6,6 @@ import argparse
 import sys
 
 
-def render(image, heat, text, out, box=None):
-    """The image with the map over it (and the chosen box), saved as a PNG."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import torch.nn.functional as F
-    from matplotlib.patches import Rectangle
-    up = F.interpolate(heat[None, None].float(), size=(image.height, image.width), mode="bicubic",
-                       align_corners=False)[0, 0].clamp(min=0).numpy()
-    fig, ax = plt.subplots(figsize=(6, 6 * image.height / max(image.width, 1)))
-    ax.imshow(image)
-    ax.imshow(up, alpha=0.5, cmap="jet")
-    if box is not None:
-        ax.add_patch(Rectangle(box[:2], box[2], box[3], fill=False, color="red", linestyle="--", linewidth=2))
-    ax.set_title(text)
-    ax.axis("off")
-    fig.savefig(out, bbox_inches="tight", dpi=100)
-    plt.close(fig)
-
-
 def main(argv=None):
     from dataset.caption_dataset import load_image
     from tasks.api import load_model
@@ -48,7 +28,9 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    render(image, heat, a.text, a.out)
+    from tasks.grounding import draw, pick_box
+    _, up = pick_box(heat, [], image.height, image.width)   # the map upsampled to the image, as Grounding.py
+    draw(image, up, a.text, a.out)
     print(a.out)
     return 0
 

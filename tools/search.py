@@ -20,6 +20,8 @@ import sys
 
 import numpy as np
 
+from engine.checkpointing import atomic_write_text
+
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -34,15 +36,6 @@ def list_images(root):
     for d, _, files in os.walk(root):
         out += [os.path.join(d, f) for f in files if f.lower().endswith(IMAGE_EXTS)]
     return sorted(os.path.abspath(p) for p in out)
-
-
-def _write(path, data, binary=False):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb" if binary else "w") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def parts(index):
@@ -84,7 +77,7 @@ def build_index(config, checkpoint, images, out, part=1024, batch_size=32, devic
     if os.path.isfile(meta_path):
         check_identity(json.load(open(meta_path)), ident, f"index {out!r}")
     else:
-        _write(meta_path, json.dumps(ident, indent=1))
+        atomic_write_text(json.dumps(ident, indent=1), meta_path)
     done = set()
     for _, txt, failed in parts(out):
         done.update(open(txt).read().splitlines())
@@ -116,17 +109,17 @@ def build_index(config, checkpoint, images, out, part=1024, batch_size=32, devic
         name = os.path.join(out, f"part_{n:05d}")
         feats = np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
         # the failures and features first, the path list last: a part counts once its .txt and .npy exist
-        _write(name + ".failed.json", json.dumps(failed))
+        atomic_write_text(json.dumps(failed), name + ".failed.json")
         with open(f"{name}.npy.tmp.{os.getpid()}", "wb") as f:
             np.save(f, feats.astype(np.float32))
         os.replace(f"{name}.npy.tmp.{os.getpid()}", name + ".npy")
-        _write(name + ".txt", "".join(p + "\n" for p in ok))
+        atomic_write_text("".join(p + "\n" for p in ok), name + ".txt")
         n += 1
         added += len(ok)
         failed_all += failed
     bar.close()
     all_failed = [f for _, _, fl in parts(out) if os.path.isfile(fl) for f in json.load(open(fl))]
-    _write(os.path.join(out, "failed.txt"), "".join(f"{p}\t{why}\n" for p, why in all_failed))
+    atomic_write_text("".join(f"{p}\t{why}\n" for p, why in all_failed), os.path.join(out, "failed.txt"))
     if failed_all:
         log(f"{len(failed_all)} unreadable images skipped (listed in {os.path.join(out, 'failed.txt')}), "
             f"first: {failed_all[0][1]}")
