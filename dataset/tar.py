@@ -15,12 +15,16 @@ TAR_REF = re.compile(r"^(.+\.tar)#(.+)$")
 
 
 def expand(spec):
-    """Shard paths from a list, a ``::``-joined string (OpenCLIP) and brace patterns (``{00000..00099}``)."""
+    """Shard paths from a list, a ``::``-joined string (OpenCLIP), brace patterns (``{00000..00099}``) and
+    globs (``shards/*.tar``, sorted; a pattern that matches nothing stays as it is, for the caller's error)."""
+    import glob
     from braceexpand import braceexpand
     out = []
     for s in ([spec] if isinstance(spec, str) else spec):
         for part in str(s).split("::"):
-            out += list(braceexpand(part))
+            for path in braceexpand(part):
+                hits = sorted(glob.glob(path)) if any(c in path for c in "*?[") and not os.path.exists(path) else []
+                out += hits or [path]
     return out
 
 

@@ -217,3 +217,15 @@ def test_train_weights_reach_the_sampler_and_are_refused_with_grit(tiny_world, t
     cfg = write_config(tiny_world, str(tmp_path / "g.yaml"), train_file=[data, data], train_weights=[1, 0.5], **GRIT)
     r = subprocess.run(pretrain_cmd(cfg, str(tmp_path / "g")), cwd=ROOT, capture_output=True, text=True)
     assert r.returncode != 0 and "train_weights" in r.stderr
+
+
+def test_shard_specs_expand_braces_globs_and_lists(tmp_path):
+    from dataset.tar import expand
+    for i in (2, 0, 1):
+        (tmp_path / f"{i:05d}.tar").write_bytes(b"")
+    d = str(tmp_path)
+    want = [f"{d}/00000.tar", f"{d}/00001.tar", f"{d}/00002.tar"]
+    assert expand(f"{d}/*.tar") == want   # sorted, as a shell would list them
+    assert expand(f"{d}/{{00000..00002}}.tar") == want
+    assert expand(f"{d}/00000.tar::{d}/0000[12].tar") == want
+    assert expand([f"{d}/none_*.tar"]) == [f"{d}/none_*.tar"]   # left for the caller's "no such file"
