@@ -95,6 +95,10 @@ def atomic_write_text(text, path):
     _write_atomic(path, lambda f: f.write(text), "w", needed=len(text.encode()))
 
 
+def atomic_write_bytes(data, path):
+    _write_atomic(path, lambda f: f.write(data), "wb", needed=len(data))
+
+
 def rng_state():
     """This rank's RNG streams, in types that load with weights_only=True."""
     np_state = np.random.get_state()

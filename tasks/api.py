@@ -176,14 +176,13 @@ class VLModel:
         classes = self.class_features(class_names, templates) if classes is None else classes   # reusable
         feats = self.encode_image(images)
         probs = (feats @ classes.t() / self.model.temp.float()).softmax(-1)
-        if rerank:
+        if rerank and len(images):
             k = min(int(rerank), len(class_names))
             top = probs.topk(k, dim=1).indices
-            for i, im in enumerate(images):
-                prompts = [templates[0].format(class_names[c]) for c in top[i].tolist()]
-                logits = self.itm_scores([im] * k, prompts)
-                probs[i] = 0
-                probs[i, top[i]] = logits.softmax(-1)
+            pairs = [(im, templates[0].format(class_names[c])) for im, row in zip(images, top.tolist()) for c in row]
+            # one ITM pass over every image's k pairs; a batch holds whole images, each encoded once
+            logits = self.itm_scores(*zip(*pairs), batch_size=k * max(1, 32 // k)).view(len(images), k)
+            probs = torch.zeros_like(probs).scatter_(1, top, logits.softmax(-1))
         return probs
 
     # ---- grounding
@@ -206,8 +205,7 @@ class VLModel:
                           ids["attention_mask"].to(self.device), mode, block_num, grid_size(self.config))[0].cpu()
         if boxes is None:
             return cam
-        box, heat = pick_box(cam, boxes, pil.height, pil.width)
-        return cam, box
+        return cam, pick_box(cam, boxes, pil.height, pil.width)[0]
 
     # ---- VQA
     @torch.no_grad()
@@ -231,6 +229,14 @@ class VLModel:
                                                rows=rows.to(self.device))
             out += [(answer_list[i], float(p)) for i, p in zip(ids[:, 0].tolist(), probs[:, 0].tolist())]
         return out
+
+
+def model_arguments(parser, required=True):
+    """The ``--config`` / ``--checkpoint`` / ``--device`` options every command over a trained model takes."""
+    parser.add_argument("--config", required=required, help="the model's YAML config")
+    parser.add_argument("--checkpoint", required=required, help="a launcher's checkpoint or a released one")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    return parser
 
 
 def distinct_images(images):

@@ -9,14 +9,11 @@ import sys
 
 def main(argv=None):
     from dataset.vqa_dataset import read_answer_list
-    from tasks.api import load_model
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True)
-    p.add_argument("--checkpoint", required=True)
+    from tasks.api import load_model, model_arguments
+    p = model_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--image", required=True)
     p.add_argument("--question", required=True)
     p.add_argument("--answer_list", default=None, help="default: the config's answer_list")
-    p.add_argument("--device", default=None)
     a = p.parse_args(argv)
     try:
         model = load_model(a.config, a.checkpoint, a.device)

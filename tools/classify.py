@@ -23,18 +23,15 @@ def class_names(spec):
 
 
 def main(argv=None):
-    from tasks.api import ImageError, load_model
+    from tasks.api import ImageError, load_model, model_arguments
     from tools.search import list_images
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True)
-    p.add_argument("--checkpoint", required=True)
+    p = model_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--images", required=True)
     p.add_argument("--classes", required=True)
     p.add_argument("--labels", action="store_true", help="the images sit in a folder per class: print accuracy")
     p.add_argument("--rerank", type=int, default=0)
     p.add_argument("--out", default=None, help="CSV of predictions (default: standard output)")
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--device", default=None)
     a = p.parse_args(argv)
     try:
         names = class_names(a.classes)

@@ -8,15 +8,12 @@ import sys
 
 def main(argv=None):
     from dataset.caption_dataset import load_image
-    from tasks.api import load_model
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", required=True)
-    p.add_argument("--checkpoint", required=True)
+    from tasks.api import load_model, model_arguments
+    p = model_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
     p.add_argument("--image", required=True)
     p.add_argument("--text", required=True)
     p.add_argument("--block_num", type=int, default=None, help="text layer of the map (default: ALBEF's choice)")
     p.add_argument("--out", default="heat.png")
-    p.add_argument("--device", default=None)
     a = p.parse_args(argv)
     try:
         image = load_image(a.image)

@@ -14,13 +14,14 @@ k_test), which needs the checkpoint named in the index.
 """
 import argparse
 import glob
+import io
 import json
 import os
 import sys
 
 import numpy as np
 
-from engine.checkpointing import atomic_write_text
+from engine.checkpointing import atomic_write_bytes, atomic_write_text
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -110,9 +111,9 @@ def build_index(config, checkpoint, images, out, part=1024, batch_size=32, devic
         feats = np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)
         # the failures and features first, the path list last: a part counts once its .txt and .npy exist
         atomic_write_text(json.dumps(failed), name + ".failed.json")
-        with open(f"{name}.npy.tmp.{os.getpid()}", "wb") as f:
-            np.save(f, feats.astype(np.float32))
-        os.replace(f"{name}.npy.tmp.{os.getpid()}", name + ".npy")
+        buf = io.BytesIO()
+        np.save(buf, feats.astype(np.float32))
+        atomic_write_bytes(buf.getvalue(), name + ".npy")
         atomic_write_text("".join(p + "\n" for p in ok), name + ".txt")
         n += 1
         added += len(ok)
@@ -152,6 +153,15 @@ def top_k(feats, query, k):
     return idx, scores[idx]
 
 
+def rerank_top(idx, scores, n, itm):
+    """The first ``n`` of a ranking re-ordered by ``itm(first n indices)`` (their ITM logits become the
+    scores); the rest keeps its ITC order and cosines."""
+    n = min(n, len(idx))
+    s = itm(idx[:n]).cpu().numpy()
+    order = np.argsort(-s, kind="stable")
+    return np.concatenate([idx[:n][order], idx[n:]]), np.concatenate([s[order], scores[n:]])
+
+
 def query(index, text=None, image=None, texts=None, top=10, rerank=0, config=None, checkpoint=None, device=None):
     """[{rank, image | text, score}] best first (see the module docstring)."""
     from tasks.api import load_model
@@ -172,34 +182,28 @@ def query(index, text=None, image=None, texts=None, top=10, rerank=0, config=Non
         t = model.encode_text(captions).cpu().numpy()
         idx, scores = top_k(t, q, max(top, rerank))
         if rerank:
-            n = min(rerank, len(idx))
-            s = model.itm_scores([image] * n, [captions[i] for i in idx[:n]]).cpu().numpy()
-            order = np.argsort(-s, kind="stable")
-            idx, scores = np.concatenate([idx[:n][order], idx[n:]]), np.concatenate([s[order], scores[n:]])
+            idx, scores = rerank_top(idx, scores, rerank,
+                                     lambda top: model.itm_scores([image] * len(top), [captions[i] for i in top]))
         return [{"rank": r + 1, "text": captions[i], "score": float(v)} for r, (i, v) in
                 enumerate(zip(idx[:top], scores[:top]))]
     q = (model.encode_text([text]) if text is not None else model.encode_image([image]))[0].cpu().numpy()
     idx, scores = top_k(feats, q, max(top, rerank))
     if rerank and text is not None:
-        n = min(rerank, len(idx))
-        s = model.itm_scores([paths[i] for i in idx[:n]], [text] * n).cpu().numpy()
-        order = np.argsort(-s, kind="stable")
-        idx, scores = np.concatenate([idx[:n][order], idx[n:]]), np.concatenate([s[order], scores[n:]])
+        idx, scores = rerank_top(idx, scores, rerank,
+                                 lambda top: model.itm_scores([paths[i] for i in top], [text] * len(top)))
     return [{"rank": r + 1, "image": paths[i], "score": float(v)} for r, (i, v) in
             enumerate(zip(idx[:top], scores[:top]))]
 
 
 def main(argv=None):
+    from tasks.api import model_arguments
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("index", help="encode every image under --images into --out")
-    a.add_argument("--config", required=True)
-    a.add_argument("--checkpoint", required=True)
+    a = model_arguments(sub.add_parser("index", help="encode every image under --images into --out"))
     a.add_argument("--images", required=True)
     a.add_argument("--out", required=True)
     a.add_argument("--part", type=int, default=1024, help="images per atomically written part")
     a.add_argument("--batch_size", type=int, default=32)
-    a.add_argument("--device", default=None)
     q = sub.add_parser("query", help="rank the index's images for a text or an image")
     q.add_argument("--index", required=True)
     q.add_argument("--text", default=None)
